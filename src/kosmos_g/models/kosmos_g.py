@@ -1,0 +1,230 @@
+"""KosmosG: interleaved text + images -> a (B, 77, 768) Stable-Diffusion condition.
+
+vision tower -> resampler -> image slots spliced into the token embeddings -> causal
+MLLM -> AlignerNet M. The unconditional condition is the MLLM reading ``<s>`` alone,
+as in the official release (not CLIP's empty prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import KosmosGConfig, get_preset
+from .aligner import AlignerNet
+from .mllm import build_mllm
+from .resampler import Resampler
+from .vision import VisionTower
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"fp16"``/``"bfloat16"``/``torch.float16``... -> a torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+class KosmosG(nn.Module):
+    """The Kosmos-G encoder.
+
+    Example:
+        >>> from kosmos_g import KosmosG, get_preset
+        >>> model = KosmosG(get_preset("tiny")).eval()
+        >>> ids = torch.tensor([[0, 5, 6, 7]])
+        >>> model.encode(ids, torch.ones_like(ids)).shape
+        torch.Size([1, 77, 32])
+    """
+
+    def __init__(self, config: KosmosGConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.resampler = Resampler(config.resampler)
+        self.mllm = build_mllm(config.mllm)
+        self.aligner = AlignerNet(config.aligner)
+
+    # ------------------------------------------------------------------ forward pieces
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 64, 2048) slot embeddings."""
+        return self.resampler(self.vision(pixel_values.to(self.dtype)))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's slots overwritten by its features: (B, T, C)."""
+        embeds = self.mllm.embed(input_ids)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if image_mask is not None and image_mask.any():
+                raise ValueError("image_mask marks image slots but no pixel_values were given.")
+            return embeds
+        if image_mask is None:
+            raise ValueError("pixel_values given without image_mask; build inputs with KosmosGProcessor.")
+        feats = self.image_features(pixel_values).to(embeds.dtype)  # (N, Q, C)
+        n_slots = int(image_mask.sum())
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise ValueError(
+                f"image_mask has {n_slots} slots but {feats.shape[0]} images x "
+                f"{feats.shape[1]} slots were encoded; processor and model disagree."
+            )
+        # masked_scatter fills True positions in row-major order, i.e. image by image.
+        return embeds.masked_scatter(image_mask[..., None], feats.reshape(-1, feats.shape[-1]))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor | None = None,
+                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """MLLM final-LayerNorm states of every token: (B, T, C)."""
+        embeds = self.embed(input_ids, pixel_values, image_mask)
+        return self.mllm(embeds, attention_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pixel_values: torch.Tensor | None = None,
+               image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The diffusion condition (B, 77, 768) of a processed batch."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, image_mask)
+        return self.aligner(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(input_ids, attention_mask, pixel_values, image_mask)
+
+    def unconditional(self, batch_size: int = 1) -> torch.Tensor:
+        """The null condition: ``<s>`` alone through MLLM + AlignerNet, (B, 77, 768)."""
+        ids = torch.full((1, 1), self.config.mllm.bos_token_id, dtype=torch.long, device=self.device)
+        cond = self.encode(ids, torch.ones_like(ids))
+        return cond.expand(batch_size, -1, -1)
+
+    # ------------------------------------------------------------------ freezing
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str | os.PathLike, *, only: list[str] | None = None,
+                        dtype: torch.dtype | str | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` to a folder.
+
+        ``dtype`` casts the saved floating-point weights (e.g. ``"fp16"`` to halve a
+        shipped checkpoint).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path / CONFIG_NAME)
+        dtype = resolve_dtype(dtype)
+        aliases = self._parameter_aliases()
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name in aliases:  # a tied weight is stored once
+                continue
+            tensor = tensor.detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[name] = tensor.contiguous().cpu()
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt", "library": "kosmos-g"})
+        os.replace(tmp, path / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None,
+                        config_overrides: dict[str, Any] | None = None) -> "KosmosG":
+        """Load a folder written by :meth:`save_pretrained` (strict: every key must match).
+
+        Example:
+            >>> model = KosmosG.from_pretrained("checkpoints/kosmos-g", dtype="fp16", device="cuda")  # doctest: +SKIP
+        """
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} has no {CONFIG_NAME}; pass a folder written by KosmosG.save_pretrained "
+                "or `kosmos-g convert-official`."
+            )
+        if not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}.")
+        with open(path / CONFIG_NAME, encoding="utf-8") as f:
+            data = json.load(f)
+        for key, value in (config_overrides or {}).items():
+            section, _, field = key.partition(".")
+            if field:
+                data[section][field] = value
+            else:
+                data[key] = value
+        config = KosmosGConfig.from_dict(data)
+        # Parameters start on the meta device (no memory, no random init); buffers that
+        # are not saved (sinusoidal table, rotary tables) are built for real.
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        state = load_file(str(path / WEIGHTS_NAME))
+        model.load_state_dict_strict(state, assign=True)
+        dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        return model.eval()
+
+    def _parameter_aliases(self) -> dict[str, str]:
+        """Tied parameters: {alias name: canonical name} (e.g. an HF LM's tied lm_head)."""
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return aliases
+
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """``load_state_dict`` whose error lists every missing and unexpected key."""
+        aliases = self._parameter_aliases()
+        own = {k: v for k, v in self.state_dict().items() if k not in aliases}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                "Checkpoint does not match the model.\n"
+                f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+                f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}"
+                f"{' ...' if len(unexpected) > 20 else ''}"
+            )
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                      for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+        if mismatched:
+            raise ValueError("Checkpoint shapes do not match the config:\n  " + "\n  ".join(mismatched[:20]))
+        self.load_state_dict(state, strict=False, assign=assign)
+        for alias, canonical in aliases.items():  # re-tie what assign=True untied
+            module_name, _, attr = alias.rpartition(".")
+            setattr(self.get_submodule(module_name), attr, self.get_parameter(canonical))
+
+
+def build_model(preset_or_config: str | KosmosGConfig) -> KosmosG:
+    """A randomly initialised model from a preset name or a config."""
+    config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    return KosmosG(config)

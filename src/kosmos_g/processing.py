@@ -1,0 +1,278 @@
+"""Turn interleaved text+image prompts into model inputs.
+
+A prompt is either a string with ``<i>`` placeholders plus an ordered image list,
+``("<i> wearing <i>", [dog, hat])``, or a Python list mixing strings and images,
+``["A photo of", dog, "on the beach"]``. Each image becomes ``<image>``, N slots and
+``</image>`` (N = 64 for the official model); the slots hold the ``<image>`` id and are
+overwritten by the resampler's output inside the model. Every sequence starts with
+``<s>`` and has no ``</s>``, exactly like the official demo.
+
+Batches are right-padded; positions, attention and AlignerNet ignore padding, so a
+prompt's condition does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import CLIP_MEAN, CLIP_STD, KosmosGConfig
+from .tokenizer import FairseqTokenizer, HFTokenizer, load_tokenizer
+
+PLACEHOLDER = "<i>"
+PROCESSOR_CONFIG = "processor_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
+Segment = Union[str, ImageLike]
+Prompt = Union[str, Sequence[Segment]]
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open a path (or pass through a PIL image / HWC uint8 array) as an RGB PIL image.
+
+    Honours EXIF orientation; composites transparency onto white; converts palette,
+    grayscale and 16-bit images. Unreadable or truncated files raise ``ValueError``
+    naming the file.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"Image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now so truncation is caught here, with the name
+                image = im.copy() if im.mode != "P" else im.convert("RGBA")
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"Cannot read image file {path}: {e}. Is it a complete PNG/JPEG?") from e
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"Array images must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}.")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"Expected a PIL image, a path or a uint8 array, got {type(image).__name__}.")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (EXIF-rotated; alpha over white; 16-bit scaled to 8-bit)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
+                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic), center-crop, normalise: (3, size, size).
+
+    Matches the official torchvision ``Resize(size, BICUBIC) + CenterCrop(size)``.
+    """
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None) -> list[Segment]:
+    """Normalise either prompt form to an ordered list of text and image segments.
+
+    Example:
+        >>> split_prompt("<i> wearing <i>", ["dog.png", "hat.png"])
+        ['', 'dog.png', ' wearing ', 'hat.png', '']
+    """
+    if isinstance(prompt, str):
+        images = list(images or [])
+        n = prompt.count(PLACEHOLDER)
+        if n != len(images):
+            raise ValueError(
+                f"Prompt {prompt!r} has {n} '{PLACEHOLDER}' placeholder(s) but {len(images)} image(s) "
+                f"were given; pass exactly one image per '{PLACEHOLDER}', in order."
+            )
+        texts = prompt.split(PLACEHOLDER)
+        segments: list[Segment] = [texts[0]]
+        for image, text in zip(images, texts[1:]):
+            segments += [image, text]
+        return segments
+    if images:
+        raise ValueError("Pass images either inside the list prompt or as `images=`, not both.")
+    segments = list(prompt)
+    for seg in segments:
+        if isinstance(seg, str) and PLACEHOLDER in seg:
+            raise ValueError(
+                f"List prompts place images directly; found '{PLACEHOLDER}' in {seg!r}. "
+                "Replace it with the image itself."
+            )
+    return segments
+
+
+@dataclass
+class ProcessedPrompt:
+    """One prompt: token ids, which of them are image slots, and its images."""
+
+    input_ids: list[int]
+    image_mask: list[bool]
+    pixel_values: list[torch.Tensor]
+
+
+class KosmosGProcessor:
+    """Tokenises interleaved prompts and preprocesses their images.
+
+    Example:
+        >>> proc = KosmosGProcessor.from_pretrained("checkpoints/kosmos-g")  # doctest: +SKIP
+        >>> batch = proc(["<i> wearing <i>", "a dog"], images=[[dog, hat], []])  # doctest: +SKIP
+        >>> batch["input_ids"].shape, batch["pixel_values"].shape  # doctest: +SKIP
+        (torch.Size([2, 136]), torch.Size([2, 3, 224, 224]))
+    """
+
+    def __init__(self, tokenizer: FairseqTokenizer | HFTokenizer, *, image_size: int = 224,
+                 num_image_tokens: int = 64, max_images: int = 10, max_length: int = 2048,
+                 image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        self.max_images = max_images
+        self.max_length = max_length
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+
+    @classmethod
+    def from_config(cls, tokenizer: FairseqTokenizer | HFTokenizer, config: KosmosGConfig) -> "KosmosGProcessor":
+        if len(tokenizer) > config.mllm.vocab_size:
+            raise ValueError(
+                f"Tokenizer has {len(tokenizer)} symbols but the model embeds only "
+                f"{config.mllm.vocab_size}; they do not belong together."
+            )
+        return cls(tokenizer, image_size=config.vision.image_size,
+                   num_image_tokens=config.num_image_tokens, max_images=config.max_images,
+                   max_length=config.mllm.max_positions, image_mean=config.image_mean,
+                   image_std=config.image_std)
+
+    # ------------------------------------------------------------------ one prompt
+    def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] | None = None) -> ProcessedPrompt:
+        segments = split_prompt(prompt, images)
+        n_images = sum(not isinstance(s, str) for s in segments)
+        if n_images > self.max_images:
+            raise ValueError(f"Prompt has {n_images} images; at most {self.max_images} are supported.")
+        text = "".join(s for s in segments if isinstance(s, str))
+        if not text.strip() and n_images == 0:
+            raise ValueError("Empty prompt: give some text or at least one image.")
+        tok = self.tokenizer
+        ids, mask, pixels = [tok.bos_id], [False], []
+        for seg in segments:
+            if isinstance(seg, str):
+                pieces = tok.encode(seg) if seg else []
+                ids += pieces
+                mask += [False] * len(pieces)
+            else:
+                pixels.append(preprocess_image(load_image(seg), self.image_size,
+                                               self.image_mean, self.image_std))
+                ids += [tok.boi_id] * (self.num_image_tokens + 1) + [tok.eoi_id]
+                mask += [False] + [True] * self.num_image_tokens + [False]
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"Prompt is {len(ids)} tokens long (images count {self.num_image_tokens + 2} each); "
+                f"the model accepts at most {self.max_length}. Shorten the text or use fewer images."
+            )
+        return ProcessedPrompt(ids, mask, pixels)
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, prompts: Prompt | Sequence[Prompt],
+                 images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+                 ) -> dict[str, torch.Tensor]:
+        """Process one prompt or a batch into padded tensors.
+
+        Returns ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``image_mask``
+        (B, T) bool (the slots), and ``pixel_values`` (N, 3, S, S) for all N images of
+        the batch in prompt order (N may be 0).
+        """
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in prompts))
+        if single:
+            batch, batch_images = [prompts], [images]
+        else:
+            batch = list(prompts)
+            if not batch:
+                raise ValueError("Empty batch of prompts.")
+            if images is None:
+                batch_images = [None] * len(batch)
+            else:
+                batch_images = list(images)
+                if len(batch_images) != len(batch):
+                    raise ValueError(
+                        f"Got {len(batch)} prompts but {len(batch_images)} image lists; pass one list "
+                        "of images per prompt (an empty list for a text-only prompt)."
+                    )
+        return self.collate([self.encode_prompt(p, im) for p, im in zip(batch, batch_images)])
+
+    def collate(self, items: Sequence[ProcessedPrompt]) -> dict[str, torch.Tensor]:
+        """Right-pad processed prompts into a batch."""
+        T = max(len(it.input_ids) for it in items)
+        B = len(items)
+        input_ids = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        image_mask = torch.zeros((B, T), dtype=torch.bool)
+        pixels: list[torch.Tensor] = []
+        for b, it in enumerate(items):
+            n = len(it.input_ids)
+            input_ids[b, :n] = torch.tensor(it.input_ids)
+            attention_mask[b, :n] = 1
+            image_mask[b, :n] = torch.tensor(it.image_mask)
+            pixels += it.pixel_values
+        pixel_values = (torch.stack(pixels) if pixels
+                        else torch.zeros((0, 3, self.image_size, self.image_size)))
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "image_mask": image_mask, "pixel_values": pixel_values}
+
+    def negative(self, prompt: Prompt | None, images: Sequence[ImageLike] | None = None) -> ProcessedPrompt:
+        """A negative prompt: ``<s>`` + its text (``<s>`` alone when empty), as the official model."""
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip() and not images):
+            return ProcessedPrompt([self.tokenizer.bos_id], [False], [])
+        return self.encode_prompt(prompt, images)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        cfg = {"image_size": self.image_size, "num_image_tokens": self.num_image_tokens,
+               "max_images": self.max_images, "max_length": self.max_length,
+               "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        (path / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "KosmosGProcessor":
+        path = Path(path)
+        if not (path / PROCESSOR_CONFIG).is_file():
+            raise FileNotFoundError(f"{path} has no {PROCESSOR_CONFIG}; is it a Kosmos-G folder?")
+        cfg = json.loads((path / PROCESSOR_CONFIG).read_text())
+        return cls(load_tokenizer(path / TOKENIZER_DIR), **cfg)
+

@@ -1,0 +1,146 @@
+"""Text tokenizers for the MLLM.
+
+:class:`FairseqTokenizer` reproduces the official one exactly: SentencePiece splits a
+string into pieces, and each piece's id is its index in the fairseq dictionary
+(``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``dict.txt`` in file order, then
+``<mask>``, ``</doc>``, ``<image>``, ``</image>``, ``</chunk>``, ``</line>``), not its
+SentencePiece id. :class:`HFTokenizer` wraps any transformers tokenizer (for an
+``hf`` MLLM backbone). Both expose the same small interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+FAIRSEQ_EXTRA = ("<mask>", "</doc>", "<image>", "</image>", "</chunk>", "</line>")
+BOI, EOI = "<image>", "</image>"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+class FairseqTokenizer:
+    """SentencePiece + fairseq ``dict.txt``, as the released Kosmos-G reads text.
+
+    Example:
+        >>> tok = FairseqTokenizer("data/sentencepiece.bpe.model", "data/dict.txt")  # doctest: +SKIP
+        >>> tok.encode("a dog")  # doctest: +SKIP
+        [12, 2441]
+    """
+
+    kind = "fairseq"
+    SPM_NAME = "sentencepiece.bpe.model"
+    DICT_NAME = "dict.txt"
+
+    def __init__(self, spm_path: str | os.PathLike, dict_path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        for label, p in (("SentencePiece model", spm_path), ("dictionary", dict_path)):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{label} not found: {p}")
+        self.spm_path, self.dict_path = Path(spm_path), Path(dict_path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        self.symbols: list[str] = []
+        self.index: dict[str, int] = {}
+        for sym in FAIRSEQ_SPECIALS:
+            self._add(sym)
+        with open(dict_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                # "<piece> <count> [#fairseq:overwrite]"; the piece itself has no spaces.
+                parts = line.rsplit(" ", 2 if line.endswith("#fairseq:overwrite") else 1)
+                if len(parts) < 2:
+                    raise ValueError(f"{dict_path}:{lineno}: expected '<token> <count>', got {line!r}")
+                self._add(parts[0], overwrite=line.endswith("#fairseq:overwrite"))
+        for sym in FAIRSEQ_EXTRA:
+            self._add(sym)
+        self.bos_id, self.pad_id, self.eos_id, self.unk_id = 0, 1, 2, 3
+        self.boi_id, self.eoi_id = self.index[BOI], self.index[EOI]
+
+    def _add(self, symbol: str, overwrite: bool = False) -> None:
+        # fairseq's add_symbol: an existing symbol keeps its first index.
+        if symbol in self.index and not overwrite:
+            return
+        self.index[symbol] = len(self.symbols)
+        self.symbols.append(symbol)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> fairseq ids (no ``<s>``/``</s>``)."""
+        pieces = self.sp.encode(text, out_type=str)
+        return [self.index.get(p, self.unk_id) for p in pieces]
+
+    def decode(self, ids: list[int]) -> str:
+        pieces = [self.symbols[i] for i in ids if i not in (self.bos_id, self.pad_id, self.eos_id)]
+        return self.sp.decode_pieces(pieces)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.spm_path, path / self.SPM_NAME)
+        shutil.copyfile(self.dict_path, path / self.DICT_NAME)
+        (path / TOKENIZER_CONFIG).write_text(json.dumps({"kind": self.kind}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "FairseqTokenizer":
+        path = Path(path)
+        return cls(path / cls.SPM_NAME, path / cls.DICT_NAME)
+
+
+class HFTokenizer:
+    """Any transformers tokenizer, with ``<image>``/``</image>`` added as special tokens."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer) -> None:  # a transformers PreTrainedTokenizerBase
+        missing = [t for t in (BOI, EOI) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        self.tok = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.boi_id, self.eoi_id = vocab[BOI], vocab[EOI]
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.boi_id
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.bos_id
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.unk_id = tokenizer.unk_token_id
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False) if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        self.tok.save_pretrained(path)
+        cfg_path = path / "kosmos_g_tokenizer.json"
+        cfg_path.write_text(json.dumps({"kind": self.kind}))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "HFTokenizer":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)))
+
+
+def load_tokenizer(path: str | os.PathLike) -> FairseqTokenizer | HFTokenizer:
+    """Load whichever tokenizer a folder holds."""
+    path = Path(path)
+    if (path / FairseqTokenizer.DICT_NAME).is_file() and (path / FairseqTokenizer.SPM_NAME).is_file():
+        return FairseqTokenizer.from_pretrained(path)
+    if (path / "kosmos_g_tokenizer.json").is_file() or (path / TOKENIZER_CONFIG).is_file():
+        return HFTokenizer.from_pretrained(path)
+    raise FileNotFoundError(
+        f"No tokenizer in {path}: expected {FairseqTokenizer.SPM_NAME} + {FairseqTokenizer.DICT_NAME} "
+        "or a transformers tokenizer."
+    )
