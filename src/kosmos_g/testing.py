@@ -62,3 +62,82 @@ def make_tiny_kosmos_g(path: str | os.PathLike, config: KosmosGConfig | None = N
         f.unlink()
     (path / "_spm").rmdir()
     return model, KosmosGProcessor.from_pretrained(path)
+
+
+def _byte_unicode() -> list[str]:
+    # The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tiny_clip_tokenizer(path: str | os.PathLike):
+    """A character-level ``CLIPTokenizer`` (no merges) written to ``path``."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = _byte_unicode()
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def make_tiny_sd(path: str | os.PathLike, *, cross_attention_dim: int = 32, sample_size: int = 16,
+                 seed: int = 0) -> Path:
+    """Save a random tiny SD1.5-layout diffusers folder.
+
+    ``unet/``, ``vae/``, ``scheduler/`` (SD1.5's DPM-Solver++ settings), ``text_encoder/``
+    and ``tokenizer/`` (CLIP), and ``model_index.json``, so both our loaders and
+    ``StableDiffusionPipeline.from_pretrained`` read it.
+    """
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon", steps_offset=1,
+        set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=512, eos_token_id=513, hidden_size=cross_attention_dim, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, pad_token_id=513,
+        vocab_size=520, max_position_embeddings=77,
+    ))
+    tokenizer = make_tiny_clip_tokenizer(path / "_tok")
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(path / "_tok")
+    return path
