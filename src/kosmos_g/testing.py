@@ -125,7 +125,6 @@ def make_tiny_sd(path: str | os.PathLike, *, cross_attention_dim: int = 32, samp
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon", steps_offset=1,
-        set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=512, eos_token_id=513, hidden_size=cross_attention_dim, intermediate_size=37,
