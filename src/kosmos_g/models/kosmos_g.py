@@ -182,6 +182,7 @@ class KosmosG(nn.Module):
         # are not saved (sinusoidal table, rotary tables) are built for real.
         with init_empty_weights(include_buffers=False):
             model = cls(config)
+        model.tie_weights()  # creating parameters on meta unties shared ones
         state = load_file(str(path / WEIGHTS_NAME))
         model.load_state_dict_strict(state, assign=True)
         dtype = resolve_dtype(dtype)
@@ -190,6 +191,11 @@ class KosmosG(nn.Module):
         if device is not None:
             model = model.to(device)
         return model.eval()
+
+    def tie_weights(self) -> None:
+        """Re-tie shared weights (a transformers LM's tied output embedding)."""
+        if hasattr(self.mllm, "model") and hasattr(self.mllm.model, "tie_weights"):
+            self.mllm.model.tie_weights()
 
     def _parameter_aliases(self) -> dict[str, str]:
         """Tied parameters: {alias name: canonical name} (e.g. an HF LM's tied lm_head)."""
