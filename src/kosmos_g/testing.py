@@ -140,3 +140,74 @@ def make_tiny_sd(path: str | os.PathLike, *, cross_attention_dim: int = 32, samp
 
     shutil.rmtree(path / "_tok")
     return path
+
+
+def make_tiny_controlnet(path: str | os.PathLike, sd_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Save a random ControlNet for the tiny SD folder's U-Net (diffusers layout).
+
+    A fresh ControlNet's output convolutions are zero (it changes nothing until trained);
+    here every weight is random so that tests can see it act. Its conditioning embedder
+    downsamples by the VAE's factor (2 for :func:`make_tiny_sd`).
+    """
+    import json
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    path, sd_dir = Path(path), Path(sd_dir)
+    unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
+    n_vae_blocks = len(json.loads((sd_dir / "vae" / "config.json").read_text())["block_out_channels"])
+    channels = (16, 32, 64, 128)[:n_vae_blocks]  # one stride-2 stage per VAE downsampling
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.abs().sum():  # the zero convolutions
+                p.normal_(0.0, 0.05)
+    net.save_pretrained(str(path))
+    return path
+
+
+def make_tiny_lora(path: str | os.PathLike, sd_dir: str | os.PathLike, *, fmt: str = "diffusers",
+                   rank: int = 4, alpha: float = 2.0, with_text_encoder: bool = False,
+                   seed: int = 0, std: float = 0.1) -> Path:
+    """Write a random (non-zero) SD1.5-style LoRA ``.safetensors`` for the tiny U-Net.
+
+    ``fmt="diffusers"`` writes diffusers/PEFT keys (``unet.<module>.lora_A.weight``),
+    ``fmt="kohya"`` the community format most SD1.5 LoRA files use
+    (``lora_unet_<module_with_underscores>.lora_down.weight`` + ``.alpha``); with
+    ``with_text_encoder`` a CLIP text-encoder part is added (``lora_te_...`` /
+    ``text_encoder.``), as many real files carry one. Targets the attention projections.
+    """
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    if fmt not in ("diffusers", "kohya"):
+        raise ValueError(f"fmt must be 'diffusers' or 'kohya', got {fmt!r}.")
+    path, sd_dir = Path(path), Path(sd_dir)
+    unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
+    g = torch.Generator().manual_seed(seed)
+    targets = [(name, m) for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"))]
+    te_width = json.loads((sd_dir / "text_encoder" / "config.json").read_text())["hidden_size"] \
+        if with_text_encoder else 0
+    if with_text_encoder:
+        targets.append(("text_model.encoder.layers.0.self_attn.q_proj",
+                        torch.nn.Linear(te_width, te_width)))
+    state: dict[str, torch.Tensor] = {}
+    for name, m in targets:
+        down = torch.randn(rank, m.in_features, generator=g) * std
+        up = torch.randn(m.out_features, rank, generator=g) * std
+        is_te = name.startswith("text_model")
+        if fmt == "kohya":
+            key = ("lora_te_" if is_te else "lora_unet_") + name.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                          f"{key}.alpha": torch.tensor(float(alpha))})
+        else:  # diffusers' PEFT keys carry no alpha: scale = 1
+            key = ("text_encoder." if is_te else "unet.") + name
+            state.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
