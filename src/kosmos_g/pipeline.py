@@ -381,10 +381,10 @@ class KosmosGPipeline:
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | str | None = None) -> "KosmosGPipeline":
         """Move (and/or cast) every model: Kosmos-G, U-Net, VAE, ControlNet."""
-        dtype = resolve_dtype(dtype)
+        move = {k: v for k, v in (("device", device), ("dtype", resolve_dtype(dtype))) if v is not None}
         for m in (self.kosmos_g, self.unet, self.vae, self.controlnet):
-            if m is not None:
-                m.to(device=device, dtype=dtype)
+            if m is not None and move:
+                m.to(**move)
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None,
