@@ -1,0 +1,1 @@
+"""`kosmos-g` subcommands: one module each, exposing ``register(subparsers)``."""
