@@ -235,6 +235,13 @@ class Sneaky:
     """A class no allow-list knows: its presence must stop a safe load."""
 
 
+class TypeOfOne:
+    """Pickles as builtins.type(1): an allowed global called with arguments it refuses."""
+
+    def __reduce__(self):
+        return (type, (1,))
+
+
 # ----------------------------------------------------------------------------- the reference forward
 
 def _ln(x, sd, p):
@@ -475,6 +482,15 @@ def test_unexpected_global_is_refused_unless_trusted(official, tmp_path, capsys)
                "-o", str(tmp_path / "out")])
     assert rc == 2 and "Sneaky" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format: no static scan, the loader refuses it
+    with fake_omegaconf_importable():
+        torch.save({"model": {}, "hook": Sneaky()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match=r"Sneaky.*--trust-pickle"):
+        load_official_checkpoint(legacy)
+    odd = tmp_path / "odd.pt"
+    torch.save({"model": {}, "x": TypeOfOne()}, odd)
+    with pytest.raises(UnsafeCheckpointError, match=r"failed \(refusing builtins\.type\(1\).*--trust-pickle"):
+        load_official_checkpoint(odd)
     with pytest.warns(UserWarning, match="arbitrary code"):
         ckpt = load_official_checkpoint(path, trust_pickle=True)
     assert isinstance(ckpt["extra_state"]["hook"], Sneaky)

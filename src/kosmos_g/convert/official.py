@@ -238,9 +238,11 @@ def load_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False
             refused = re.findall(r"GLOBAL (\S+) was not an allowed global", str(e))
             if refused:
                 raise UnsafeCheckpointError(_refusal_message(path, refused)) from None
-            reason = " ".join(str(e).split())
+            # torch wraps the unpickler's own message in advice about weights_only; keep the message.
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
+            reason = " ".join((found.group(1) if found else str(e)).split())
             raise UnsafeCheckpointError(
-                f"Safe loading of {path} failed: {reason[-400:]} If you trust this file, re-run with "
+                f"Safe loading of {path} failed ({reason}). If it is a torch checkpoint you trust, re-run with "
                 "--trust-pickle (Python: trust_pickle=True) for a full pickle load, which can execute "
                 "arbitrary code.") from e
         except RuntimeError as e:
