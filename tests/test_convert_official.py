@@ -20,6 +20,7 @@ import types
 import typing
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,36 @@ AW, AHEADS, AFFN, AENC, ADEC, ACOND, APOS = 32, 4, 64, 2, 2, 77, 512  # AlignerN
 
 # ----------------------------------------------------------------------------- official-layout weights
 
-def official_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Sizes:
+    d: int = D
+    layers: int = LAYERS
+    heads: int = HEADS
+    ffn: int = FFN
+    vw: int = VW
+    vlayers: int = VLAYERS
+    vffn: int = VFFN
+    img: int = IMG
+    queries: int = QUERIES
+    aw: int = AW
+    affn: int = AFFN
+    aenc: int = AENC
+    adec: int = ADEC
+    apos: int = APOS
+
+
+# The release's sizes (kosmosg_xl + ViT-L/14 + AlignerNet), for a shapes-only check.
+OFFICIAL_SIZES = Sizes(d=2048, layers=24, heads=32, ffn=8192, vw=1024, vlayers=24, vffn=4096, img=224,
+                       queries=64, aw=768, affn=3072, aenc=12, adec=12, apos=32768)
+
+
+def official_state_dict(vocab: int, seed: int = 0, s: Sizes = Sizes(), device: str = "cpu") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 
     def rand(*shape: int, std: float) -> torch.Tensor:
+        if device == "meta":
+            return torch.empty(*shape, device="meta")
         return torch.randn(*shape, generator=g) * std
 
     def linear(name: str, n_out: int, n_in: int) -> None:
@@ -75,48 +101,48 @@ def official_state_dict(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
         linear(f"{p}.ffn.fc2", d, ffn)
 
     # MLLM (fairseq LMDecoder over a torchscale Decoder)
-    sd["gpt_model.decoder.embed_tokens.weight"] = rand(vocab, D, std=D ** -0.5)
-    for i in range(LAYERS):
-        torchscale_layer(f"gpt_model.decoder.layers.{i}", D, FFN)
-    norm("gpt_model.decoder.layer_norm", D)
+    sd["gpt_model.decoder.embed_tokens.weight"] = rand(vocab, s.d, std=s.d ** -0.5)
+    for i in range(s.layers):
+        torchscale_layer(f"gpt_model.decoder.layers.{i}", s.d, s.ffn)
+    norm("gpt_model.decoder.layer_norm", s.d)
     # open_clip ViT with torchscale ts_attn, no proj
     v = "img_model.visual"
-    sd[f"{v}.conv1.weight"] = rand(VW, 3, PATCH, PATCH, std=(3 * PATCH * PATCH) ** -0.5)
-    sd[f"{v}.class_embedding"] = rand(VW, std=VW ** -0.5)
-    sd[f"{v}.positional_embedding"] = rand((IMG // PATCH) ** 2 + 1, VW, std=VW ** -0.5)
-    norm(f"{v}.ln_pre", VW)
-    for i in range(VLAYERS):
+    sd[f"{v}.conv1.weight"] = rand(s.vw, 3, PATCH, PATCH, std=(3 * PATCH * PATCH) ** -0.5)
+    sd[f"{v}.class_embedding"] = rand(s.vw, std=s.vw ** -0.5)
+    sd[f"{v}.positional_embedding"] = rand((s.img // PATCH) ** 2 + 1, s.vw, std=s.vw ** -0.5)
+    norm(f"{v}.ln_pre", s.vw)
+    for i in range(s.vlayers):
         p = f"{v}.transformer.resblocks.{i}"
-        norm(f"{p}.ln_1", VW)
+        norm(f"{p}.ln_1", s.vw)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{p}.ts_attn.{proj}", VW, VW)
-        norm(f"{p}.ln_2", VW)
-        linear(f"{p}.mlp.c_fc", VFFN, VW)
-        linear(f"{p}.mlp.c_proj", VW, VFFN)
-    norm(f"{v}.ln_post", VW)
+            linear(f"{p}.ts_attn.{proj}", s.vw, s.vw)
+        norm(f"{p}.ln_2", s.vw)
+        linear(f"{p}.mlp.c_fc", s.vffn, s.vw)
+        linear(f"{p}.mlp.c_proj", s.vw, s.vffn)
+    norm(f"{v}.ln_post", s.vw)
     # xconnector
-    linear("img_connector.dense", D, VW)
-    sd["img_connector.latent_query"] = rand(QUERIES, D, std=1.0)
+    linear("img_connector.dense", s.d, s.vw)
+    sd["img_connector.latent_query"] = rand(s.queries, s.d, std=1.0)
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        linear(f"img_connector.x_attn.{proj}", D, D)
+        linear(f"img_connector.x_attn.{proj}", s.d, s.d)
     # AlignerNet M
-    linear("aligner.encoder_proj.embed_tokens", AW, D)
-    sd["aligner.encoder_proj.embed_positions.weight"] = rand(APOS, AW, std=0.5)
-    for i in range(AENC):
-        torchscale_layer(f"aligner.encoder_proj.layers.{i}", AW, AFFN)
-    norm("aligner.encoder_proj.layer_norm", AW)
-    sd["aligner.encoder_query"] = rand(ACOND, AW, std=1.0)
-    for i in range(ADEC):
-        torchscale_layer(f"aligner.encoder.layers.{i}", AW, AFFN, cross=True)
-    norm("aligner.encoder.layer_norm", AW)
+    linear("aligner.encoder_proj.embed_tokens", s.aw, s.d)
+    sd["aligner.encoder_proj.embed_positions.weight"] = rand(s.apos, s.aw, std=0.5)
+    for i in range(s.aenc):
+        torchscale_layer(f"aligner.encoder_proj.layers.{i}", s.aw, s.affn)
+    norm("aligner.encoder_proj.layer_norm", s.aw)
+    sd["aligner.encoder_query"] = rand(ACOND, s.aw, std=1.0)
+    for i in range(s.adec):
+        torchscale_layer(f"aligner.encoder.layers.{i}", s.aw, s.affn, cross=True)
+    norm("aligner.encoder.layer_norm", s.aw)
     # what inference ignores
     sd["gpt_model.decoder.output_projection.weight"] = sd["gpt_model.decoder.embed_tokens.weight"]  # tied
-    sd["gpt_model.decoder.embed_positions._float_tensor"] = torch.zeros(1)
-    sd["gpt_model.decoder.self_attn_sope.scale"] = rand(D // HEADS // 2, std=1.0)
-    sd["aligner.decoder_query"] = rand(APOS, AW, std=1.0)
-    sd["aligner.decoder.layers.0.self_attn.q_proj.weight"] = rand(AW, AW, std=1.0)
-    sd["aligner.decoder_proj.embed_positions.weight"] = rand(APOS, AW, std=1.0)
-    sd["aligner.clip_encoder.text_model.final_layer_norm.weight"] = rand(AW, std=1.0)
+    sd["gpt_model.decoder.embed_positions._float_tensor"] = rand(1, std=0.0)
+    sd["gpt_model.decoder.self_attn_sope.scale"] = rand(s.d // s.heads // 2, std=1.0)
+    sd["aligner.decoder_query"] = rand(s.apos, s.aw, std=1.0)
+    sd["aligner.decoder.layers.0.self_attn.q_proj.weight"] = rand(s.aw, s.aw, std=1.0)
+    sd["aligner.decoder_proj.embed_positions.weight"] = rand(s.apos, s.aw, std=1.0)
+    sd["aligner.clip_encoder.text_model.final_layer_norm.weight"] = rand(s.aw, std=1.0)
     sd["diffusion_unet.unet.x"] = rand(3, std=1.0)
     sd["vae.vae.y"] = rand(3, std=1.0)
     return sd
@@ -573,3 +599,14 @@ def test_bad_paths_and_values(official, tmp_path, capsys):
                "--spm", str(official.spm), "-o", str(tmp_path / "o")])
     assert rc == 2 and "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_official_sizes_give_the_kosmos_g_preset():
+    # shapes only (meta tensors): the release's layout converts to exactly the paper's config
+    from kosmos_g import get_preset
+
+    sd = official_state_dict(64006, s=OFFICIAL_SIZES, device="meta")
+    state, cfg = convert_official_state_dict(fairseq_checkpoint(sd, heads=32))
+    assert cfg == get_preset("kosmos-g")
+    assert convert_official_state_dict(sd)[1] == cfg  # no args: the matching preset gives the heads
+    assert state["aligner.in_positions"].shape == (32768, 768)
