@@ -41,6 +41,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -523,9 +524,11 @@ class KosmosGPipeline:
                 logger.info("LoRA %s: skipped %d CLIP text-encoder tensors (Kosmos-G replaces CLIP).", p, dropped)
             if not any(k.startswith("unet") for k in state):
                 raise ValueError(f"LoRA {p} has no U-Net weights that diffusers recognises as SD1.5.")
-            StableDiffusionPipeline.load_lora_into_unet(
-                state, network_alphas=alphas, unet=self.unet, adapter_name=name, metadata=metadata,
-                _pipeline=self._offload_owner)
+            with warnings.catch_warnings():  # several adapters are what we want here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                StableDiffusionPipeline.load_lora_into_unet(
+                    state, network_alphas=alphas, unet=self.unet, adapter_name=name, metadata=metadata,
+                    _pipeline=self._offload_owner)
             self._loras[name] = float(s)
             loaded.append(name)
         self.unet.set_adapters(list(self._loras), list(self._loras.values()))

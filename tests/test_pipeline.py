@@ -1,0 +1,395 @@
+"""KosmosGPipeline: parity with diffusers, guidance, encode-once, LoRA, ControlNet, tasks.
+
+Tiny random Kosmos-G (77x32 condition) + tiny SD1.5-layout folder; 32x32 images, 2-4
+steps, CPU. Parity tests feed our pipeline the tiny CLIP text encoder's embeddings and
+compare against diffusers' own pipelines loaded from the same folder.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kosmos_g.pipeline import SCHEDULERS, KosmosGPipeline, as_batch, kosmos_g_prompt_embeds
+
+STEPS = 3
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def _np(seed: int, hw: int = 32, channels: int = 3) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(hw, hw, channels) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pics():
+    return {"dog": _np(1, 40), "hat": _np(2, 24), "ctrl": _np(3), "init": _np(4),
+            "mask": Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), 8)).convert("RGB")}
+
+
+def _load(tiny_kosmos_dir, tiny_sd_dir, **kw) -> KosmosGPipeline:
+    pipe = KosmosGPipeline.from_pretrained(tiny_kosmos_dir, tiny_sd_dir, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_kosmos_dir, tiny_sd_dir):
+    """Shared, never mutated (tests that change schedulers or LoRAs load their own)."""
+    return _load(tiny_kosmos_dir, tiny_sd_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir):
+    """diffusers' own StableDiffusionPipeline with the CLIP text encoder, and its embeddings."""
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(str(tiny_sd_dir), safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pe, npe = ref.encode_prompt("a dog on the beach", "cpu", 1, True, "")
+    return ref, pe, npe
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_sd_dir, tmp_path_factory):
+    from kosmos_g.testing import make_tiny_controlnet
+
+    return make_tiny_controlnet(tmp_path_factory.mktemp("tiny-cn"), tiny_sd_dir)
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler-a"])
+def test_parity_with_diffusers_stable_diffusion(tiny_kosmos_dir, tiny_sd_dir, reference, scheduler):
+    import diffusers
+
+    ref, pe, npe = reference
+    original = ref.scheduler
+    ref.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(original.config)
+    try:
+        expected = ref("a dog on the beach", num_inference_steps=STEPS, generator=_gen(3),
+                       output_type="np").images
+    finally:
+        ref.scheduler = original
+    ours = _load(tiny_kosmos_dir, tiny_sd_dir, scheduler=scheduler)
+    got = ours(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=STEPS, generator=_gen(3),
+               output_type="np").images
+    assert got.shape == expected.shape == (1, 32, 32, 3)
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_parity_with_diffusers_controlnet(tiny_kosmos_dir, tiny_sd_dir, reference, controlnet_dir, pics):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    _, pe, npe = reference
+    ref = StableDiffusionControlNetPipeline.from_pretrained(
+        str(tiny_sd_dir), controlnet=ControlNetModel.from_pretrained(str(controlnet_dir)),
+        safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours = _load(tiny_kosmos_dir, tiny_sd_dir, controlnet=controlnet_dir)
+    kw = dict(num_inference_steps=STEPS, output_type="np", controlnet_conditioning_scale=0.7)
+    expected = ref("a dog on the beach", image=pics["ctrl"], generator=_gen(1), **kw).images
+    got = ours(prompt_embeds=pe, negative_prompt_embeds=npe, control_image=pics["ctrl"], generator=_gen(1),
+               **kw).images
+    assert np.abs(got - expected).max() < 1e-5
+    # The ControlNet acts (its zero convolutions were randomised) and so does its scale.
+    weaker = ours(prompt_embeds=pe, negative_prompt_embeds=npe, control_image=pics["ctrl"], generator=_gen(1),
+                  **{**kw, "controlnet_conditioning_scale": 0.0}).images
+    assert np.abs(got - weaker).max() > 1e-3
+
+
+def test_embeds_helper_drives_any_diffusers_pipeline(pipe, reference, tiny_kosmos_dir, pics):
+    """kosmos_g_prompt_embeds() into diffusers' own pipeline == our pipeline."""
+    ref, _, _ = reference
+    pe, npe = kosmos_g_prompt_embeds(pipe.kosmos_g, pipe.processor, "<i> on the beach", [pics["dog"]],
+                                     device=ref.device, dtype=ref.unet.dtype)
+    theirs = ref(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=STEPS, generator=_gen(),
+                 output_type="np").images
+    ours = pipe("<i> on the beach", images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
+                output_type="np").images
+    assert np.abs(theirs - ours).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- guidance and encoding
+
+def _count_unet(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args, kw: calls.append(args[0].shape[0]),
+                                                 with_kwargs=True)
+    return calls, handle
+
+
+def test_guidance_one_skips_unconditional_branch(pipe):
+    calls, handle = _count_unet(pipe)
+    try:
+        pipe("a dog", num_images_per_prompt=2, guidance_scale=1.0, num_inference_steps=STEPS, output_type="np")
+        assert calls == [2] * STEPS
+        calls.clear()
+        pipe("a dog", num_images_per_prompt=2, guidance_scale=7.5, num_inference_steps=STEPS, output_type="np")
+        assert calls == [4] * STEPS  # conditional + unconditional in one doubled batch
+    finally:
+        handle.remove()
+
+
+def test_encoder_runs_once_per_call(pipe, pics, monkeypatch):
+    calls = []
+    real = pipe.kosmos_g.encode
+    monkeypatch.setattr(pipe.kosmos_g, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pipe(["<i> wearing <i>", "a cat next to <i>"], images=[[pics["dog"], pics["hat"]], [pics["dog"]]],
+         negative_prompt="blurry", num_images_per_prompt=3, num_inference_steps=4, output_type="np")
+    assert len(calls) == 1
+    calls.clear()
+    pipe("a dog", guidance_scale=1.0, num_inference_steps=4, output_type="np")
+    assert len(calls) == 1
+
+
+def test_cached_embeddings_skip_the_encoder(pipe, pics, monkeypatch):
+    pe, npe = pipe.encode_prompt("<i> in the snow", [pics["dog"]])
+    assert pe.dtype == npe.dtype == pipe.unet.dtype and pe.shape == npe.shape == (1, 77, 32)
+    direct = pipe("<i> in the snow", images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
+                  output_type="np").images
+    monkeypatch.setattr(pipe.kosmos_g, "encode", lambda *a, **k: pytest.fail("encoder ran"))
+    cached = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=STEPS, generator=_gen(),
+                  output_type="np").images
+    np.testing.assert_array_equal(direct, cached)
+
+
+def test_unconditional_is_official_null_condition(pipe):
+    """No negative / an empty negative = `<s>` alone through MLLM + AlignerNet."""
+    _, npe = pipe.encode_prompt(["a dog", "a cat"])
+    null = pipe.kosmos_g.unconditional(1)
+    for row in npe:
+        torch.testing.assert_close(row, null[0], atol=1e-6, rtol=0)
+    _, empty = pipe.encode_prompt("a dog", negative_prompt="")
+    torch.testing.assert_close(empty, null, atol=1e-6, rtol=0)
+    _, text = pipe.encode_prompt("a dog", negative_prompt="blurry")
+    assert (text - null).abs().max() > 1e-4
+
+
+def test_encode_prompt_repeats_per_image(pipe):
+    pe, npe = pipe.encode_prompt(["a dog", "a cat"], num_images_per_prompt=3)
+    assert pe.shape == npe.shape == (6, 77, 32)
+    torch.testing.assert_close(pe[0], pe[2])
+    assert (pe[0] - pe[3]).abs().max() > 0
+    pe1, npe1 = pipe.encode_prompt("a dog", do_classifier_free_guidance=False)
+    assert npe1 is None and pe1.shape == (1, 77, 32)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_deterministic_for_a_seed(pipe, pics):
+    run = lambda seed: pipe("<i> wearing <i>", images=[pics["dog"], pics["hat"]], num_inference_steps=STEPS,
+                            generator=_gen(seed), output_type="np").images
+    a, b, c = run(7), run(7), run(8)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_list_form_equals_placeholder_form(pipe, pics):
+    listed, _ = pipe.encode_prompt(["A photo of", pics["dog"], "on the beach"])
+    placed, _ = pipe.encode_prompt("A photo of<i>on the beach", [pics["dog"]])
+    torch.testing.assert_close(listed, placed, atol=0, rtol=0)
+
+
+def test_batch_with_different_image_counts(pipe, pics):
+    prompts = ["<i> on the grass", "a cat wearing <i> next to <i>", "a plain red square"]
+    images = [[pics["dog"]], [pics["hat"], pics["dog"]], []]
+    batch = pipe(prompts, images=images, num_inference_steps=STEPS, output_type="np",
+                 generator=[_gen(k) for k in range(3)]).images
+    assert batch.shape == (3, 32, 32, 3)
+    for k, (p, ims) in enumerate(zip(prompts, images)):
+        alone = pipe(p, images=ims, num_inference_steps=STEPS, generator=_gen(k), output_type="np").images
+        assert np.abs(alone[0] - batch[k]).max() < 1e-4  # padding does not leak between prompts
+
+
+def test_as_batch_forms():
+    assert as_batch("<i> x", ["a.png"]) == [("<i> x", ["a.png"])]
+    assert as_batch(["a", "b"]) == [("a", None), ("b", None)]
+    assert as_batch(None, batch_size=2) == [(None, None), (None, None)]
+    assert as_batch("neg", batch_size=2) == [("neg", None), ("neg", None)]
+    with pytest.raises(ValueError, match="one list of images per prompt"):
+        as_batch(["<i> a", "<i> b"], ["x.png", "y.png"])
+    with pytest.raises(ValueError, match="2 negative_prompts for 3 prompts"):
+        as_batch(["n1", "n2"], name="negative_prompt", batch_size=3)
+
+
+def _vae_roundtrip(pipe, image: Image.Image) -> np.ndarray:
+    """What the (random) VAE makes of an image: the best img2img can keep of it."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    return ((y[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+
+
+def test_instruction_editing_prompt_runs_text2img_and_img2img(pipe, pics):
+    edit = pipe("<i> make it snowy", images=[pics["init"]], num_inference_steps=STEPS, generator=_gen(),
+                output_type="np").images
+    assert edit.shape == (1, 32, 32, 3)
+    run = lambda strength: pipe("<i> make it snowy", images=[pics["init"]], image=pics["init"],
+                                strength=strength, num_inference_steps=4, generator=_gen(),
+                                output_type="np").images[0]
+    kept, redrawn = run(0.25), run(1.0)
+    recon = _vae_roundtrip(pipe, pics["init"])
+    # A low strength stays close to the init image (as the VAE renders it).
+    assert np.abs(kept - recon).mean() < np.abs(redrawn - recon).mean()
+
+
+def test_inpainting_keeps_unmasked_pixels_closer(pipe, pics):
+    out = pipe("<i> in the hole", images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
+               num_inference_steps=4, generator=_gen(), output_type="np").images[0]
+    assert out.shape == (32, 32, 3)
+    recon = _vae_roundtrip(pipe, pics["init"])
+    inside = np.asarray(pics["mask"])[..., 0] > 127
+    assert np.abs(out - recon)[~inside].mean() < np.abs(out - recon)[inside].mean()
+
+
+# ----------------------------------------------------------------------------- ControlNet
+
+def test_several_controlnets(tiny_kosmos_dir, tiny_sd_dir, controlnet_dir, pics):
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir, controlnet=[controlnet_dir, controlnet_dir])
+    kw = dict(num_inference_steps=STEPS, output_type="np")
+    both = pipe("<i> on grass", images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
+                controlnet_conditioning_scale=[0.5, 0.5], generator=_gen(), **kw).images
+    one = pipe("<i> on grass", images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
+               controlnet_conditioning_scale=[0.5, 0.0], generator=_gen(), **kw).images
+    assert both.shape == (1, 32, 32, 3) and np.abs(both - one).max() > 1e-4
+    # img2img and inpainting with ControlNet use diffusers' ControlNet variants.
+    assert pipe("<i> x", images=[pics["dog"]], image=pics["init"], control_image=[pics["ctrl"]] * 2,
+                **kw).images.shape == (1, 32, 32, 3)
+    assert pipe("<i> x", images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
+                control_image=[pics["ctrl"]] * 2, **kw).images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="pass `control_image="):
+        pipe("a dog", **kw)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_changes_output_and_unload_restores_exactly(tiny_kosmos_dir, tiny_sd_dir, tmp_path):
+    from kosmos_g.testing import make_tiny_lora
+
+    style = make_tiny_lora(tmp_path / "style.safetensors", tiny_sd_dir, seed=1)
+    # kohya keys + a CLIP text-encoder part, like most community SD1.5 LoRA files.
+    detail = make_tiny_lora(tmp_path / "detail.safetensors", tiny_sd_dir, fmt="kohya",
+                            with_text_encoder=True, seed=2)
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir)
+    run = lambda **kw: pipe("a dog", num_inference_steps=STEPS, generator=_gen(), output_type="np", **kw).images
+    base = run()
+    assert pipe.load_lora(style, scale=1.0) == ["style"]
+    one = run()
+    assert np.abs(one - base).max() > 1e-3
+    assert pipe.load_lora([detail], scale=[0.5]) == ["detail"]
+    assert pipe.loras == {"style": 1.0, "detail": 0.5}
+    two = run()
+    assert np.abs(two - one).max() > 1e-4
+    np.testing.assert_array_equal(run(lora_scale=0.0), base)  # scale 0 = no LoRA
+    np.testing.assert_array_equal(run(), two)  # the per-call scale is undone exactly
+    np.testing.assert_array_equal(run(cross_attention_kwargs={"scale": 0.0}), base)  # diffusers' spelling
+    pipe.set_lora_scale({"detail": 0.0})
+    np.testing.assert_array_equal(run(), one)
+    pipe.unload_lora()
+    assert pipe.loras == {}
+    np.testing.assert_array_equal(run(), base)
+
+
+def test_lora_errors(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+        pipe.load_lora(tmp_path / "missing.safetensors")
+    (tmp_path / "old.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a .safetensors"):
+        pipe.load_lora(tmp_path / "old.bin")
+
+
+# ----------------------------------------------------------------------------- schedulers, dtypes
+
+def test_schedulers_by_name_and_instance(tiny_kosmos_dir, tiny_sd_dir):
+    import diffusers
+
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the official default
+    for name in ["ddim", "pnpm", "pndm", "euler", "euler-a", "unipc", "dpm++"]:
+        pipe.scheduler = name
+        assert type(pipe.scheduler).__name__ == SCHEDULERS[{"pnpm": "pndm"}.get(name, name)]
+        out = pipe("a dog", num_inference_steps=STEPS, output_type="np").images
+        assert np.isfinite(out).all()
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    assert pipe.diffusers_pipeline("text2img").scheduler is pipe.scheduler
+    with pytest.raises(ValueError, match="Unknown scheduler"):
+        pipe.scheduler = "heun-9000"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision(tiny_kosmos_dir, tiny_sd_dir, dtype):
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir, dtype=dtype)
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert pipe.dtype == expected and pipe.kosmos_g.dtype == expected
+    pe, _ = pipe.encode_prompt("a dog")
+    assert pe.dtype == expected
+    out = pipe("a dog", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(out).all()
+
+
+def test_sdpa_attention_and_callbacks(pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    seen = []
+    pipe("a dog", num_inference_steps=STEPS, output_type="np",
+         callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == list(range(STEPS))
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_missing_sd_parts_are_named(tiny_kosmos_dir, tiny_sd_dir, tmp_path):
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no unet/"):
+        KosmosGPipeline.from_pretrained(tiny_kosmos_dir, tmp_path / "sd")
+    with pytest.raises(FileNotFoundError, match="SD folder not found"):
+        KosmosGPipeline.from_pretrained(tiny_kosmos_dir, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="Kosmos-G folder not found"):
+        KosmosGPipeline.from_pretrained(tmp_path / "nowhere", tiny_sd_dir)
+    with pytest.raises(FileNotFoundError, match="ControlNet folder not found"):
+        KosmosGPipeline.from_pretrained(tiny_kosmos_dir, tiny_sd_dir, controlnet=tmp_path / "nocn")
+
+
+def test_condition_width_must_match_unet(tiny_kosmos_dir, tmp_path):
+    from kosmos_g.testing import make_tiny_sd
+
+    sd = make_tiny_sd(tmp_path / "sd48", cross_attention_dim=48)
+    with pytest.raises(ValueError, match="cross_attention_dim is 48"):
+        KosmosGPipeline.from_pretrained(tiny_kosmos_dir, sd)
+
+
+def test_bad_call_arguments(pipe, pics):
+    kw = dict(num_inference_steps=2, output_type="np")
+    with pytest.raises(ValueError, match="placeholder"):
+        pipe("<i> and <i>", images=[pics["dog"]], **kw)
+    with pytest.raises(ValueError, match="no ControlNet is loaded"):
+        pipe("a dog", control_image=pics["ctrl"], **kw)
+    with pytest.raises(ValueError, match="strength not supported for text2img"):
+        pipe("a dog", strength=0.5, **kw)
+    with pytest.raises(ValueError, match="height, width not supported for img2img"):
+        pipe("a dog", image=pics["init"], height=32, width=32, **kw)
+    with pytest.raises(ValueError, match="exactly one of `prompt`"):
+        pipe(**kw)
+    with pytest.raises(ValueError, match="`mask_image` needs `image`"):
+        pipe("a dog", mask_image=pics["mask"], **kw)
+
+
+def test_example_assets_are_small_and_readable():
+    from kosmos_g.processing import load_image
+
+    folder = files("kosmos_g") / "assets" / "examples"
+    for name in ["dog", "hat", "scene", "mask", "edges"]:
+        path = folder / f"{name}.png"
+        assert path.is_file() and len(path.read_bytes()) < 10_000
+        assert load_image(str(path)).size == (128, 128)
