@@ -220,10 +220,11 @@ def load_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False
             f"Fully unpickling {path} (trust_pickle=True): a pickle can execute arbitrary code. "
             "Only do this for a file you trust.", UserWarning, stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_trusting_pickle)
-    if not hasattr(torch.serialization, "safe_globals"):
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+        # safe_globals with (object, "module.Name") entries, which the stand-ins need, is torch 2.6+.
         raise UnsafeCheckpointError(
-            f"torch {torch.__version__} has no torch.serialization.safe_globals; safe loading of {path} "
-            "needs torch >= 2.5 (or --trust-pickle for a full, unsafe load of a file you trust).")
+            f"Safe loading of {path} needs torch >= 2.6 (this is {torch.__version__}); upgrade torch, or "
+            "use --trust-pickle for a full, unsafe load of a file you trust.")
     with torch.serialization.safe_globals(list(official_safe_globals())):
         if mmap:
             try:  # static scan first, so the error names every refused global at once
