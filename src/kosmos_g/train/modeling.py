@@ -1,0 +1,185 @@
+"""Loading the model a stage starts from, choosing what trains, and exporting the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import KosmosGConfig, get_preset
+from ..models import KosmosG
+from ..models.kosmos_g import CONFIG_NAME, WEIGHTS_NAME, resolve_dtype
+from ..processing import KosmosGProcessor
+from ..tokenizer import load_tokenizer
+from .recipe import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+RECONSTRUCTION_PREFIX = "aligner.recon_"
+
+
+def _override(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            if section not in data or not isinstance(data[section], dict):
+                raise ValueError(f"model.config override {key!r}: unknown section {section!r}.")
+            if name not in data[section]:
+                raise ValueError(f"model.config override {key!r}: {section} has no field {name!r}.")
+            data[section][name] = value
+        else:
+            data[key] = value
+    return data
+
+
+def load_kosmos_g(spec: ModelSpec, *, reconstruction: bool = False) -> tuple[KosmosG, KosmosGProcessor]:
+    """The model and processor a stage starts from (fp32, on the CPU, in train mode).
+
+    ``reconstruction=True`` adds AlignerNet's N (stage 2); a folder without N gets a
+    freshly initialised one (seed it first), and every other weight must be present.
+    """
+    spec.validate()
+    overrides = dict(spec.config)
+    if reconstruction:
+        overrides["aligner.reconstruction"] = True
+    if spec.init is not None:
+        path = Path(spec.init)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"model.init={path} is not a Kosmos-G folder (no {CONFIG_NAME}).")
+        data = _override(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")), overrides)
+        config = KosmosGConfig.from_dict(data)
+        state = load_file(str(path / WEIGHTS_NAME))
+        has_recon = any(k.startswith(RECONSTRUCTION_PREFIX) for k in state)
+        if config.aligner.reconstruction and not has_recon:
+            model = KosmosG(config)  # N starts from its random init
+            own = model.state_dict()
+            missing = sorted(set(own) - set(state) - set(model._parameter_aliases()))
+            unexpected = sorted(set(state) - set(own))
+            if unexpected or any(not k.startswith(RECONSTRUCTION_PREFIX) for k in missing):
+                model.load_state_dict_strict(state)  # raises with the full key lists
+            model.load_state_dict(state, strict=False)
+            logger.info("AlignerNet N is not in %s: initialised randomly.", path)
+        else:
+            if not config.aligner.reconstruction and has_recon:
+                state = {k: v for k, v in state.items() if not k.startswith(RECONSTRUCTION_PREFIX)}
+            with init_empty_weights(include_buffers=False):
+                model = KosmosG(config)
+            model.load_state_dict_strict(state, assign=True)
+        processor = KosmosGProcessor.from_pretrained(path)
+    else:
+        data = _override(get_preset(spec.preset).to_dict(), overrides)
+        config = KosmosGConfig.from_dict(data)
+        model = KosmosG(config)
+        processor = KosmosGProcessor.from_config(load_tokenizer(spec.tokenizer), config)
+    if spec.vision_init is not None:
+        from transformers import CLIPVisionModel
+
+        clip = CLIPVisionModel.from_pretrained(spec.vision_init)
+        missing, unexpected = model.vision.clip.load_state_dict(clip.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"model.vision_init={spec.vision_init} does not fit the vision config: missing "
+                             f"{missing[:10]}, unexpected {unexpected[:10]}.")
+    return model.float().train(), processor
+
+
+def set_trainable(model: KosmosG, *, mllm: bool = False, resampler: bool = False, vision_last_block: bool = False,
+                  aligner: bool = False) -> dict[str, int]:
+    """Freeze everything, then unfreeze the named parts; returns trainable counts per part."""
+    model.freeze()
+    if mllm:
+        model.mllm.requires_grad_(True)
+    if resampler:
+        model.resampler.requires_grad_(True)
+    if vision_last_block:
+        model.vision.unlock_last_block()
+    if aligner:
+        model.aligner.requires_grad_(True)
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters() if p.requires_grad)
+              for name in ("vision", "resampler", "mllm", "aligner")}
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable parameters: %s of %s (%s)", f"{sum(counts.values()):,}", f"{total:,}",
+                ", ".join(f"{k} {v:,}" for k, v in counts.items() if v))
+    return counts
+
+
+def enable_gradient_checkpointing(model: KosmosG) -> None:
+    """Recompute activations in the backward pass: MLLM, vision tower and AlignerNet blocks."""
+    mllm = model.mllm
+    if hasattr(mllm, "gradient_checkpointing"):  # MagnetoDecoder reads this flag
+        mllm.gradient_checkpointing = True
+    if hasattr(mllm, "model"):  # an HF causal LM backbone
+        _hf_checkpointing(mllm.model)
+    _hf_checkpointing(model.vision.clip)
+    aligner = model.aligner
+    for name in ("encoder", "decoder", "recon_decoder", "recon_encoder"):
+        checkpoint_blocks(getattr(aligner, name, []))
+
+
+def _hf_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpoint_blocks(blocks: Iterable[nn.Module]) -> None:
+    """Wrap each block's forward in activation checkpointing without touching its weights' names."""
+    for block in blocks:
+        if getattr(block, "_kosmos_g_checkpointed", False):
+            continue
+        plain = block.forward
+
+        def forward(*args, _plain=plain, _block=block, **kwargs):
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+        block._kosmos_g_checkpointed = True
+
+
+def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.PathLike, *,
+                    dtype: torch.dtype | str | None = None) -> Path:
+    """Write an inference folder that ``KosmosG.from_pretrained`` loads strictly.
+
+    AlignerNet's N (stage 2) is left out and the config says ``reconstruction: false``.
+    Written to ``<path>.tmp`` and renamed, so a crash never leaves a half export.
+    """
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    if model.config.aligner.reconstruction:
+        data = model.config.to_dict()
+        data["aligner"]["reconstruction"] = False
+        config = KosmosGConfig.from_dict(data)
+        aliases = model._parameter_aliases()
+        state = {k: v for k, v in model.state_dict().items()
+                 if not k.startswith(RECONSTRUCTION_PREFIX) and k not in aliases}
+        with init_empty_weights(include_buffers=False):
+            out = KosmosG(config)
+        out.load_state_dict_strict(state, assign=True)
+    else:
+        out = model
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.save_pretrained(tmp, dtype=dtype)
+    processor.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def reconstruction_state(model: KosmosG) -> dict[str, torch.Tensor]:
+    """AlignerNet N's weights (stage 2), to keep beside the inference export."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if k.startswith(RECONSTRUCTION_PREFIX)}

@@ -1,0 +1,305 @@
+"""Stage 3: instruction tuning through the frozen diffusion U-Net.
+
+Kosmos-G's condition replaces CLIP's text embedding in a frozen SD1.5 U-Net; the
+denoising loss (epsilon, or the scheduler's ``prediction_type``) at uniformly drawn
+timesteps of the U-Net's own noise schedule trains the MLLM, the resampler, the vision
+tower's last block and AlignerNet M through it. 10% of conditions are replaced by the
+null condition (``<s>`` alone) so classifier-free guidance works.
+
+Samples are mixed by weight (paper: caption : edit : compositional = 1 : 2 : 2):
+
+- ``caption``: ``<s> caption`` -> the captioned image;
+- ``edit`` (InstructPix2Pix): ``<s> caption <image>src</image> instruction`` -> the edited
+  image, the caption dropped with p = 0.5;
+- ``compositional``: the caption with each entity's crop placed right after the entity
+  words, or replacing them (one coin per sample, as the official loader), and for each
+  entity the background-whitened or the square crop (one coin per entity) -> the image.
+
+Every random choice of a sample (caption drop, placements, crops, timestep, noise,
+null-condition dropout) comes from that sample's own generator, so runs resume exactly
+and do not depend on how samples are spread over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.shards import BadSample, decode_image, iter_shard, validate_sample
+from ..processing import KosmosGProcessor, ProcessedPrompt
+from .base import Stage, keep_image_weights_in_graph
+from .data import SampleFiltered
+from .latents import LatentCache
+from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("caption", "edit", "compositional")
+_TARGET_STEM = {"caption": "", "edit": "tgt", "compositional": "tgt"}
+
+
+def preprocess_target(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` (bilinear), center-crop, scale to [-1, 1]: (3, size, size)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def compositional_segments(raw: dict[str, Any], meta: dict[str, Any], rng: np.random.Generator, *,
+                           replace_prob: float, white_prob: float, max_images: int) -> list[Any]:
+    """The interleaved prompt of a compositional sample (text pieces and entity crops)."""
+    caption = meta["caption"]
+    ordered = sorted(enumerate(meta["entities"]), key=lambda e: (e[1]["start"], e[1]["end"]))
+    kept, cursor = [], 0
+    for i, ent in ordered:  # overlapping entities keep the first one
+        if ent["start"] >= cursor and len(kept) < max_images:
+            kept.append((i, ent))
+            cursor = ent["end"]
+    replace = rng.random() < replace_prob
+    segments: list[Any] = []
+    cursor = 0
+    for i, ent in kept:
+        segments.append(caption[cursor:ent["start"] if replace else ent["end"]])
+        stem = f"e{i}_white" if rng.random() < white_prob else f"e{i}_square"
+        segments.append(decode_image(raw, stem))
+        cursor = ent["end"]
+    segments.append(caption[cursor:])
+    return segments
+
+
+class Stage3Builder:
+    """Raw sample -> prompt, target (or cached latent posterior) and its random draws (workers)."""
+
+    def __init__(self, processor: KosmosGProcessor, *, resolution: int, caption_drop: float,
+                 entity_replace_prob: float, white_crop_prob: float, cond_dropout: float,
+                 num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
+                 latent_cache: LatentCache | None) -> None:
+        self.processor = processor
+        self.resolution = resolution
+        self.caption_drop = caption_drop
+        self.entity_replace_prob = entity_replace_prob
+        self.white_crop_prob = white_crop_prob
+        self.cond_dropout = cond_dropout
+        self.num_train_timesteps = num_train_timesteps
+        self.max_caption_tokens = max_caption_tokens
+        self.min_caption_image_size = min_caption_image_size
+        self.latent_cache = latent_cache
+
+    def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
+        meta = validate_sample(raw)
+        kind = meta["kind"]
+        if kind not in KINDS:
+            raise BadSample(f"stage 3 uses {KINDS} samples, not {kind!r} ({raw.get('__key__')!r}).")
+        example: dict[str, Any] = {
+            "source": source, "key": raw["__key__"],
+            "seed": int(rng.integers(0, 2 ** 62)),
+            "timestep": int(rng.integers(0, self.num_train_timesteps)),
+            "drop": bool(rng.random() < self.cond_dropout),
+        }
+        target: Image.Image | None = None
+        if kind == "caption":
+            if len(self.processor.tokenizer.encode(meta["caption"])) > self.max_caption_tokens:
+                raise SampleFiltered
+            if self.min_caption_image_size:
+                target = decode_image(raw)
+                if min(target.size) < self.min_caption_image_size:
+                    raise SampleFiltered
+            segments: list[Any] = [meta["caption"]]
+        elif kind == "edit":
+            caption = "" if rng.random() < self.caption_drop else meta["caption"]
+            segments = [caption, decode_image(raw, "src"), meta["instruction"]]
+        else:
+            segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
+                                              white_prob=self.white_crop_prob,
+                                              max_images=self.processor.max_images)
+        example["prompt"] = self.processor.encode_prompt(segments)
+        cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
+        if cached is not None:
+            example["latent_params"] = cached
+        else:
+            target = target if target is not None else decode_image(raw, _TARGET_STEM[kind])
+            example["target"] = preprocess_target(target, self.resolution)
+        return example
+
+
+class DiffusionModule(nn.Module):
+    """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
+
+    def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
+        self.noise_scheduler = noise_scheduler
+        self.prediction_type = prediction_type
+        self.source_names = list(source_names)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        unet = self.frozen["unet"]
+        pixels = batch["pixel_values"]
+        cond = self.model.encode(batch["input_ids"], batch["attention_mask"], pixels if pixels.shape[0] else None,
+                                 batch["image_mask"])  # (B, 77, D)
+        cond = keep_image_weights_in_graph(self.model, cond, pixels)
+        null = self.model.unconditional(1).to(cond.dtype)  # (1, 77, D): "<s>" alone
+        cond = torch.where(batch["drop"][:, None, None], null, cond)
+        latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        n = torch.tensor(per.shape[0], device=per.device)
+        out = {"loss": (per.sum(), n)}
+        for k, name in enumerate(self.source_names):
+            hit = batch["source_ids"] == k
+            out[f"loss/{name}"] = ((per * hit).sum(), hit.sum())
+        return out
+
+
+class Stage3(Stage):
+    name = "stage3"
+    module_prefix = "model."
+
+    def __init__(self, recipe, accelerator) -> None:
+        super().__init__(recipe, accelerator)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        spec = recipe.stage3
+        self.metric_names = tuple(f"loss/{s.name}" for s in self.sources if s.weight > 0)
+        self.model, self.processor = load_kosmos_g(recipe.model)
+        self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
+                                       vision_last_block=spec.train_vision_last_block)
+        sd = Path(spec.sd_path)
+        if not (sd / "unet").is_dir() or not (sd / "vae").is_dir():
+            raise FileNotFoundError(f"stage3.sd_path={sd} needs unet/ and vae/ subfolders (a diffusers SD folder).")
+        # Frozen and never exported: held in the mixed-precision dtype, as diffusers' scripts do.
+        self.unet = UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet", torch_dtype=self.weight_dtype)
+        self.vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=self.weight_dtype)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(str(sd), subfolder="scheduler")
+        if spec.prediction_type is not None:
+            self.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"Unsupported prediction_type {prediction_type!r}; use epsilon or v_prediction.")
+        if self.unet.config.cross_attention_dim != self.model.config.aligner.output_dim:
+            raise ValueError(f"The U-Net attends to {self.unet.config.cross_attention_dim}-wide conditions but "
+                             f"AlignerNet outputs {self.model.config.aligner.output_dim}.")
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if spec.resolution % self.vae_factor:
+            raise ValueError(f"stage3.resolution={spec.resolution} must be a multiple of the VAE factor "
+                             f"{self.vae_factor}.")
+        self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
+        for net in (self.unet, self.vae):
+            net.requires_grad_(False).eval().to(self.device)
+        if recipe.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+            self.unet.enable_gradient_checkpointing()
+        self.cache = None
+        if spec.latent_cache:
+            self.cache = LatentCache(spec.latent_cache, {
+                "vae": str(sd.resolve() / "vae"), "resolution": spec.resolution,
+                "latent_channels": self.vae.config.latent_channels})
+        self.source_names = [s.name for s in self.sources]
+        self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
+                                      self.source_names)
+        self.builder = Stage3Builder(
+            self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
+            entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
+            cond_dropout=spec.cond_dropout, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
+            latent_cache=self.cache)
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.processor.collate([ex["prompt"] for ex in examples])
+        batch["seeds"] = torch.tensor([ex["seed"] for ex in examples], dtype=torch.long)
+        batch["timesteps"] = torch.tensor([ex["timestep"] for ex in examples], dtype=torch.long)
+        batch["drop"] = torch.tensor([ex["drop"] for ex in examples], dtype=torch.bool)
+        batch["source_ids"] = torch.tensor([self.source_names.index(ex["source"]) for ex in examples])
+        batch["keys"] = [(ex["source"], ex["key"]) for ex in examples]
+        batch["cached"] = [ex.get("latent_params") for ex in examples]
+        batch["targets"] = [ex.get("target") for ex in examples]
+        return batch
+
+    @torch.no_grad()
+    def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """(N, 3, R, R) in [-1, 1] -> VAE posterior parameters (N, 2C, R/f, R/f), fp32."""
+        return self.vae.encode(targets.to(self.device, self.weight_dtype)).latent_dist.parameters.float()
+
+    @torch.no_grad()
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        missing = [i for i, c in enumerate(batch["cached"]) if c is None]
+        params: list[torch.Tensor | None] = [None if c is None else c.to(self.device).float()
+                                             for c in batch["cached"]]
+        if missing:
+            fresh = self.encode_targets(torch.stack([batch["targets"][i] for i in missing]))
+            for j, i in enumerate(missing):
+                params[i] = fresh[j]
+                if self.cache is not None:
+                    self.cache.put(*batch["keys"][i], fresh[j])
+        mean, logvar = torch.stack(params).chunk(2, dim=1)  # (B, C, h, w) each
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps, noise = [], []
+        for seed in batch["seeds"].tolist():  # each sample's own noise, wherever it is computed
+            g = torch.Generator().manual_seed(seed)
+            eps.append(torch.randn(mean.shape[1:], generator=g))
+            noise.append(torch.randn(mean.shape[1:], generator=g))
+        latents = (mean + std * torch.stack(eps).to(self.device)) * self.scaling
+        out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds")}
+        out["latents"] = latents
+        out["noise"] = torch.stack(noise).to(self.device)
+        return out
+
+    # ------------------------------------------------------------------ latent cache
+    def before_training(self) -> None:
+        if self.cache is not None and self.recipe.stage3.precompute_latents:
+            self.precompute_latents()
+
+    def precompute_latents(self) -> int:
+        """Encode every stage-3 target once into the latent cache (shards split over processes)."""
+        acc = self.accelerator
+        size, batch_size = self.recipe.stage3.resolution, self.recipe.data.batch_size
+        todo: list[tuple[str, str, Any]] = []
+        written = 0
+
+        def flush() -> None:
+            nonlocal written
+            if todo:
+                params = self.encode_targets(torch.stack([t for _, _, t in todo]))
+                for (src, key, _), p in zip(todo, params):
+                    self.cache.put(src, key, p)
+                written += len(todo)
+                todo.clear()
+
+        shards = [(s.name, path) for s in self.sources if s.weight > 0 for path in s.shards]
+        mine = shards[acc.process_index::acc.num_processes]
+        for name, path in tqdm(mine, desc="precomputing latents", disable=not acc.is_local_main_process):
+            for raw in iter_shard(path, on_error=lambda p, e: logger.warning("damaged shard %s: %s", p, e)):
+                try:
+                    kind = validate_sample(raw)["kind"]
+                    if kind not in KINDS or self.cache.get(name, raw["__key__"]) is not None:
+                        continue
+                    todo.append((name, raw["__key__"], preprocess_target(decode_image(raw, _TARGET_STEM[kind]), size)))
+                except Exception as e:  # counted and skipped again during training
+                    logger.warning("latent cache: skipping %r (%s)", raw.get("__key__"), e)
+                    continue
+                if len(todo) >= batch_size:
+                    flush()
+        flush()
+        acc.wait_for_everyone()
+        return written

@@ -1,0 +1,405 @@
+"""The one trainer every stage runs on, built on ``accelerate``.
+
+DDP, FSDP and DeepSpeed come from ``accelerate launch`` and its config file; mixed
+precision, gradient accumulation and gradient clipping from accelerate as well. This
+file adds what a long run needs on top:
+
+- AdamW (betas 0.9/0.98, weight decay 0.01 as in the paper), warm-up then linear decay;
+- a loss normalised by the count summed over processes (token-level means are exact
+  under data parallelism);
+- per-step seeding (``seed``, step, micro-step, process) of every random op that is not
+  tied to a sample (dropout), so a resumed run repeats an uninterrupted one;
+- checkpoints every N steps: trainable weights, optimizer, LR schedule, RNG states
+  (accelerate's ``save_state``) plus ``trainer_state.json`` (step, every data stream's
+  position), written to ``step-XXXXXXXX.tmp`` and renamed when complete;
+- CSV + TensorBoard logs and a tqdm bar with loss and samples/s;
+- the final export: a ``KosmosG.from_pretrained`` folder with the processor.
+
+Example:
+    >>> from kosmos_g.train import Trainer, load_recipe  # doctest: +SKIP
+    >>> Trainer(load_recipe("tiny-stage2", ["train.max_steps=5"]), "stage2").run()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import StreamLoader, counters, to_device
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable{}.safetensors"
+_CKPT_RE = re.compile(r"^step-(\d{8})$")
+
+
+def _stage_class(name: str):
+    if name == "stage1":
+        from .stage1 import Stage1 as cls
+    elif name == "stage2":
+        from .stage2 import Stage2 as cls
+    elif name == "stage3":
+        from .stage3 import Stage3 as cls
+    else:
+        raise ValueError(f"Unknown stage {name!r}; choose stage1, stage2 or stage3.")
+    return cls
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (``.tmp`` folders never count)."""
+    if not root.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := _CKPT_RE.match(p.name)) and (p / STATE_FILE).is_file())
+    return found[-1][1] if found else None
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def _step_seed(seed: int, *parts: int) -> int:
+    return int(np.random.default_rng([seed & 0xFFFFFFFF, *parts]).integers(0, 2 ** 62))
+
+
+def linear_warmup_decay(warmup: int, total: int, schedule: str = "linear"):
+    """LR multiplier: 0 -> 1 over ``warmup`` steps, then linearly to 0 at ``total`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return step / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class Trainer:
+    """Runs one stage of a recipe; ``run()`` trains, checkpoints and exports.
+
+    Args:
+        recipe: the validated run description (:func:`~kosmos_g.train.recipe.load_recipe`).
+        stage: ``"stage1"``, ``"stage2"`` or ``"stage3"``.
+    """
+
+    def __init__(self, recipe: Recipe, stage: str) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType, set_seed
+
+        recipe.validate(stage)
+        self.recipe, self.stage_name = recipe, stage
+        self.out = Path(recipe.train.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # accelerate only forms a CPU process group (gloo) when asked for the CPU; without a GPU,
+        # `accelerate launch --multi_gpu` would otherwise start independent single-process runs.
+        cpu = recipe.train.cpu or (world > 1 and not _has_accelerator())
+        self.accelerator = acc = Accelerator(
+            mixed_precision=recipe.train.precision, gradient_accumulation_steps=recipe.train.grad_accum,
+            cpu=cpu, step_scheduler_with_optimizer=False,
+        )
+        if acc.num_processes != world:
+            raise RuntimeError(f"Launched as {world} processes but accelerate formed a group of "
+                               f"{acc.num_processes}; check the accelerate launch flags.")
+        self._sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if acc.is_main_process:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        set_seed(recipe.train.seed)
+        self.stage = _stage_class(stage)(recipe, acc)
+        module = self.stage.module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{stage}: nothing to train (every parameter is frozen).")
+        opt = recipe.optim
+        self.optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
+                                           eps=opt.eps, weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, linear_warmup_decay(opt.warmup_steps, recipe.train.max_steps, opt.schedule))
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+        self.module, self.optimizer, self.scheduler = acc.prepare(module, self.optimizer, self.scheduler)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        acc.register_save_state_pre_hook(self._save_trainable)
+        acc.register_load_state_pre_hook(self._load_trainable)
+        self.num_streams = recipe.data.streams or acc.num_processes * max(1, recipe.data.num_workers)
+        if self.num_streams % acc.num_processes:
+            raise ValueError(f"data.streams={self.num_streams} is not a multiple of the {acc.num_processes} "
+                             "processes.")
+        self.step = 0
+        self.samples = 0
+        self.position: dict[int, Any] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _param_groups(self, module: torch.nn.Module) -> list[dict[str, Any]]:
+        if not self.recipe.optim.no_decay_norm_and_bias:
+            return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name or name.endswith(("queries", "positions", "latents"))
+                 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _save_trainable(self, models, weights, output_dir) -> None:
+        """accelerate hook: store only the trainable weights, by their unwrapped names."""
+        if self._sharded:  # FSDP / DeepSpeed save their own (sharded) states
+            return
+        for i, model in enumerate(models):
+            inner = self.accelerator.unwrap_model(model)
+            state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
+            if self.accelerator.is_main_process:
+                save_file(state, os.path.join(output_dir, TRAINABLE_FILE.format(f"_{i}" if i else "")))
+        weights.clear()
+
+    def _load_trainable(self, models, input_dir) -> None:
+        if self._sharded:
+            return
+        for i, model in enumerate(models):
+            inner = self.accelerator.unwrap_model(model)
+            path = os.path.join(input_dir, TRAINABLE_FILE.format(f"_{i}" if i else ""))
+            state = load_file(path)
+            wanted = {n for n, p in inner.named_parameters() if p.requires_grad}
+            if set(state) != wanted:
+                raise ValueError(f"Checkpoint {input_dir} holds other trainable weights than this run trains "
+                                 f"(missing {sorted(wanted - set(state))[:5]}, extra "
+                                 f"{sorted(set(state) - wanted)[:5]}); was the recipe changed?")
+            inner.load_state_dict(state, strict=False)
+        models.clear()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_path(self) -> Path | None:
+        resume = self.recipe.checkpoint.resume
+        if resume in (None, "none", "null", ""):
+            if latest_checkpoint(self.ckpt_root) is not None:
+                raise ValueError(f"{self.ckpt_root} already holds checkpoints; set checkpoint.resume=auto to "
+                                 "continue, or use a new train.output_dir.")
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.ckpt_root)
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"checkpoint.resume={path} is not a complete checkpoint (no {STATE_FILE}).")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / STATE_FILE).read_text())
+        if state["num_streams"] != self.num_streams:
+            raise ValueError(f"Checkpoint {path} was written with data.streams={state['num_streams']}, this run "
+                             f"has {self.num_streams}; set data.streams={state['num_streams']} to resume.")
+        if state["stage"] != self.stage_name:
+            raise ValueError(f"Checkpoint {path} is from {state['stage']}, not {self.stage_name}.")
+        self.accelerator.load_state(str(path))
+        self.step = int(state["step"])
+        self.samples = int(state["samples"])
+        self.position = {int(k): v for k, v in state["position"].items()}
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        final = self.ckpt_root / f"step-{self.step:08d}"
+        tmp = self.ckpt_root / f"step-{self.step:08d}.tmp"
+        positions = gather_object([self.position]) if acc.num_processes > 1 else [self.position]
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            merged = {str(k): v for pos in positions for k, v in pos.items()}
+            state = {"stage": self.stage_name, "step": self.step, "samples": self.samples,
+                     "num_streams": self.num_streams, "world_size": acc.num_processes, "position": merged,
+                     "recipe": self.recipe.to_dict()}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        keep = max(1, self.recipe.checkpoint.keep)
+        done = sorted(p for p in self.ckpt_root.iterdir() if _CKPT_RE.match(p.name))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ logging
+    def _open_logs(self, resumed: bool):
+        acc, log = self.accelerator, self.recipe.log
+        self._csv_fields = ["step", "loss", "lr", "grad_norm", "samples", "samples_per_s", "bad_samples",
+                            "filtered_samples", *self.stage.metric_names]
+        self._csv = self._tb = None
+        if not acc.is_main_process:
+            return
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        if log.csv:
+            path = logs / "train.csv"
+            rows = []
+            if resumed and path.is_file():  # drop rows past the checkpoint (from the interrupted run)
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+            self._csv = open(path, "w", newline="")
+            self._csv_writer = csv.DictWriter(self._csv, fieldnames=self._csv_fields, extrasaction="ignore")
+            self._csv_writer.writeheader()
+            self._csv_writer.writerows(rows)
+            self._csv.flush()
+        if log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(logs / "tensorboard"), purge_step=self.step + 1 if resumed else None)
+            except ImportError:
+                logger.warning("tensorboard is not installed; logging to CSV only (pip install tensorboard).")
+
+    def _write_log(self, row: dict[str, float]) -> None:
+        self.history.append(row)
+        if self._csv is not None:
+            self._csv_writer.writerow(row)
+            self._csv.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+
+    # ------------------------------------------------------------------ training
+    def _loader(self) -> StreamLoader:
+        acc, data = self.accelerator, self.recipe.data
+        return StreamLoader(self.stage.sources, self.stage.builder, self.stage.collate,
+                            batch_size=data.batch_size, num_workers=data.num_workers,
+                            num_streams=self.num_streams, rank=acc.process_index, world_size=acc.num_processes,
+                            seed=self.recipe.train.seed, shuffle_buffer=data.shuffle_buffer, states=self.position)
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps`` (or ``train.stop_after``); returns a summary.
+
+        On completion the inference export is written to ``export.dir`` (default
+        ``<output_dir>/final``).
+        """
+        from tqdm.auto import tqdm
+
+        acc, recipe = self.accelerator, self.recipe
+        resume = self._resume_path()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(recipe.dump())
+        self._open_logs(resumed=resume is not None)
+        self.stage.before_training()
+        self.stage.train_mode()
+        loader = iter(self._loader())
+        max_steps = recipe.train.max_steps
+        stop = min(max_steps, recipe.train.stop_after or max_steps)
+        per_step = recipe.data.batch_size * recipe.train.grad_accum * acc.num_processes
+        names = ["loss", *self.stage.metric_names]
+        window = {n: torch.zeros(2, dtype=torch.float64) for n in names}
+        grad_norm = float("nan")
+        t_window, n_window = time.perf_counter(), 0
+        bar = tqdm(total=max_steps, initial=self.step, desc=self.stage_name, dynamic_ncols=True,
+                   disable=not (acc.is_main_process and recipe.log.progress))
+        seed = recipe.train.seed
+        try:
+            while self.step < stop:
+                for micro in range(recipe.train.grad_accum):
+                    batch, position = next(loader)
+                    batch = self.stage.prepare_batch(to_device(batch, acc.device))
+                    torch.manual_seed(_step_seed(seed, self.step, micro, acc.process_index))  # dropout
+                    with acc.accumulate(self.module):
+                        out = self.module(batch)
+                        loss_sum, count = out["loss"]
+                        total = acc.reduce(count.detach().float().reshape(1), "sum")
+                        loss = loss_sum * acc.num_processes / total.clamp(min=1)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            clip = recipe.optim.clip_grad_norm
+                            if clip:
+                                grad_norm = float(acc.clip_grad_norm_(self.params, clip))
+                            self.optimizer.step()
+                            if not self.optimizer.step_was_skipped:
+                                self.scheduler.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                    for n in names:
+                        if n in out:
+                            s, c = out[n]
+                            window[n] += torch.tensor([float(s.detach()), float(c)], dtype=torch.float64)
+                self.step += 1
+                self.samples += per_step
+                self.position = position
+                n_window += per_step
+                bar.update(1)
+                if self.step % max(1, recipe.log.every) == 0 or self.step == stop:
+                    stacked = torch.stack([window[n] for n in names]).to(acc.device)
+                    stacked = acc.reduce(stacked, "sum").cpu()
+                    elapsed = time.perf_counter() - t_window
+                    counts = self._counts()
+                    row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "samples": self.samples, "samples_per_s": n_window / max(elapsed, 1e-9),
+                           "bad_samples": counts["bad"], "filtered_samples": counts["filtered"]}
+                    for n, (s, c) in zip(names, stacked.tolist()):
+                        row[n] = s / c if c else float("nan")
+                    if acc.is_main_process:
+                        self._write_log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+                    window = {n: torch.zeros(2, dtype=torch.float64) for n in names}
+                    t_window, n_window = time.perf_counter(), 0
+                every = recipe.checkpoint.every
+                if (every and self.step % every == 0) or self.step == stop:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            del loader  # stops DataLoader workers
+            if self._csv is not None:
+                self._csv.close()
+            if self._tb is not None:
+                self._tb.close()
+        summary: dict[str, Any] = {"step": self.step, "samples": self.samples, "data": self._counts(),
+                                   "final_loss": self.history[-1]["loss"] if self.history else None}
+        if self.step >= max_steps:
+            summary["export"] = str(self.export())
+        return summary
+
+    def _counts(self) -> dict[str, int]:
+        """Bad/filtered samples over all processes (each process counts its own streams)."""
+        local = counters(self.position)
+        t = torch.tensor([local["bad"], local["filtered"]], device=self.accelerator.device, dtype=torch.float64)
+        t = self.accelerator.reduce(t, "sum").cpu().tolist()
+        return {"bad": int(t[0]), "filtered": int(t[1])}
+
+    def export(self) -> Path:
+        """Write the inference folder (main process) from the trained weights."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        # Without sharding the stage's model was trained in place; FSDP / DeepSpeed gather it here.
+        state = acc.get_state_dict(self.module) if self._sharded else {}
+        path = Path(self.recipe.export.dir or self.out / "final")
+        if acc.is_main_process:
+            self.stage.export(state, path)
+            logger.info("exported %s to %s", self.stage_name, path)
+        acc.wait_for_everyone()
+        return path
+
+
+def train(stage: str, recipe: Recipe) -> dict[str, Any]:
+    """Run one stage of ``recipe``: ``train("stage2", load_recipe("tiny-stage2"))``."""
+    return Trainer(recipe, stage).run()
