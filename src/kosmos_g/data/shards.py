@@ -273,13 +273,12 @@ def iter_shard(path: str | os.PathLike, on_error: Callable[[str, Exception], Non
                 key, ext = split_member_name(info.name)
                 if key is None:
                     continue
-                data = tar.extractfile(info).read()
                 if current is not None and current["__key__"] != key:
-                    yield current
+                    yield current  # complete: the next sample has begun
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": path}
-                current[ext] = data
+                current[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         # A member read in part is dropped with the damaged tail; complete samples before
         # the damage were already yielded.

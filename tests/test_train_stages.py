@@ -1,0 +1,323 @@
+"""The three training stages on tiny models and tiny shards, through the CLI entry point.
+
+Every run here is a few optimizer steps on CPU: what is checked is the wiring (what
+trains, what stays frozen, what the loss reads, exact resumption, the export), not
+learning quality.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kosmos_g import KosmosG, KosmosGProcessor
+from kosmos_g.cli import main
+from kosmos_g.data.shards import ShardWriter, iter_shards, expand_shards
+from kosmos_g.train.testing import make_tiny_shards
+
+SOURCES = {"stage1": ("text", "caption", "interleaved"), "stage2": ("caption", "text"),
+           "stage3": ("caption", "edit", "compositional")}
+STAGES = tuple(SOURCES)
+
+
+def fresh_process_state() -> None:
+    """accelerate keeps per-process singletons; each run here stands for a new process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models run fastest on one thread, and 2-core CI machines are often shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_kosmos_dir, tiny_sd_dir):
+    root = tmp_path_factory.mktemp("train")
+    return {"kosmos": tiny_kosmos_dir, "sd": tiny_sd_dir, "root": root,
+            "shards": make_tiny_shards(root / "shards", n=12, per_shard=4)}
+
+
+def cli_args(world, stage: str, out: Path, *extra: str) -> list[str]:
+    args = ["train", stage, "--config", f"tiny-{stage}", f"model.init={world['kosmos']}",
+            f"train.output_dir={out}", "log.progress=false"]
+    args += [f"data.sources.{i}.shards={world['shards'][name]}" for i, name in enumerate(SOURCES[stage])]
+    if stage == "stage2":
+        args.append(f"stage2.clip_path={world['sd']}")
+    if stage == "stage3":
+        args.append(f"stage3.sd_path={world['sd']}")
+    return args + list(extra)
+
+
+def run_cli(args: list[str], capsys=None) -> dict:
+    fresh_process_state()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(n)
+    if capsys is not None:
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return {}
+
+
+def read_csv(out: Path) -> list[dict[str, str]]:
+    with open(out / "logs" / "train.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """Each stage, 6 uninterrupted steps (the tiny recipes' length) through the CLI."""
+    out = {}
+    for stage in STAGES:
+        out[stage] = world["root"] / f"full-{stage}"
+        run_cli(cli_args(world, stage, out[stage]))
+    return out
+
+
+# ----------------------------------------------------------------------------- what trains
+
+VISION_LAST = ("vision.clip.encoder.layers.1.", "vision.clip.post_layernorm.")
+TRAINABLE = {
+    "stage1": ("mllm.", "resampler.", *VISION_LAST),
+    "stage2": ("aligner.",),
+    "stage3": ("mllm.", "resampler.", "aligner.", *VISION_LAST),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_trains_only_its_parts_and_exports_a_strict_folder(world, runs, stage):
+    out = runs[stage]
+    before = load_file(str(Path(world["kosmos"]) / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert set(before) == set(after)
+    trained = [k for k in before if k.startswith(TRAINABLE[stage])]
+    frozen = [k for k in before if not k.startswith(TRAINABLE[stage])]
+    assert trained and frozen
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"{stage} changed frozen weight {k}"
+    unchanged = [k for k in trained if torch.equal(before[k], after[k])]
+    assert not unchanged, f"{stage} did not update {unchanged}"
+    # the export is a normal inference folder
+    model = KosmosG.from_pretrained(out / "final")
+    processor = KosmosGProcessor.from_pretrained(out / "final")
+    batch = processor(["a red hat"])
+    assert model.encode(batch["input_ids"], batch["attention_mask"]).shape == (1, 77, 32)
+    assert not model.config.aligner.reconstruction
+    rows = read_csv(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert (out / "checkpoints" / "step-00000006").is_dir() and (out / "recipe.yaml").is_file()
+
+
+def test_stage2_keeps_reconstruction_apart(runs):
+    out = runs["stage2"]
+    recon = load_file(str(out / "final-reconstruction" / "aligner_reconstruction.safetensors"))
+    assert recon and all(k.startswith("aligner.recon_") for k in recon)
+    assert not any(k.startswith("aligner.recon_") for k in load_file(str(out / "final" / "model.safetensors")))
+    assert {"mse", "rec"} <= set(read_csv(out)[0])
+
+
+def test_stage3_logs_a_loss_per_source(runs):
+    row = read_csv(runs["stage3"])[0]
+    assert {"loss/caption", "loss/edit", "loss/compositional"} <= set(row)
+
+
+# ----------------------------------------------------------------------------- resume
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stop_and_resume_equals_uninterrupted(world, runs, tmp_path, stage):
+    out = tmp_path / stage
+    run_cli(cli_args(world, stage, out, "train.stop_after=3", "checkpoint.every=0"))
+    assert not (out / "final").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    run_cli(cli_args(world, stage, out))  # checkpoint.resume=auto
+    a = load_file(str(runs[stage] / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    full, resumed = read_csv(runs[stage]), read_csv(out)
+    assert [int(r["step"]) for r in resumed] == list(range(1, 7))
+    np.testing.assert_allclose([float(r["loss"]) for r in resumed], [float(r["loss"]) for r in full], rtol=1e-6)
+
+
+def test_fresh_start_refuses_to_overwrite_checkpoints(world, runs, capsys):
+    args = cli_args(world, "stage2", runs["stage2"], "checkpoint.resume=null")
+    fresh_process_state()
+    assert main(args) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- overfit
+
+@pytest.fixture(scope="module")
+def listening_sd(tmp_path_factory, tiny_sd_dir):
+    """The tiny SD folder with a smaller U-Net whose cross-attention is amplified 3x.
+
+    A randomly initialised U-Net barely reads its condition (its epsilon loss stays near
+    var(noise) whatever the condition), while a trained SD U-Net follows its text
+    condition closely. Scaling the cross-attention k/v/out projections gives the frozen
+    U-Net that property, so the overfit test measures what stage 3 trains (the encoder
+    behind the condition) rather than the limits of random weights.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = tmp_path_factory.mktemp("listening-sd")
+    shutil.copytree(tiny_sd_dir, path, dirs_exist_ok=True)
+    shutil.rmtree(path / "unet")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                for lin in (module.to_k, module.to_v, module.to_out[0]):
+                    lin.weight.mul_(3.0)
+    unet.save_pretrained(str(path / "unet"))
+    return path
+
+
+OVERFIT = {  # lr, max steps, extra overrides
+    "stage1": (3e-3, 60, ()),
+    "stage2": (3e-3, 60, ()),
+    "stage3": (1e-2, 200, ("data.batch_size=2", "stage3.resolution=16")),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_loss_halves_on_one_fixed_batch(world, listening_sd, tmp_path, stage):
+    from kosmos_g.train import Trainer, load_recipe
+    from kosmos_g.train.data import to_device
+
+    lr, max_steps, extra = OVERFIT[stage]
+    args = cli_args(world, stage, tmp_path / "run", f"optim.lr={lr}", "optim.warmup_steps=0",
+                    "optim.schedule=constant", "optim.clip_grad_norm=null", *extra)
+    if stage == "stage3":
+        args.append(f"stage3.sd_path={listening_sd}")
+    fresh_process_state()
+    trainer = Trainer(load_recipe(f"tiny-{stage}", args[4:]), stage)
+    trainer.stage.train_mode()
+    batch, _ = next(iter(trainer._loader()))
+    batch = trainer.stage.prepare_batch(to_device(batch, trainer.accelerator.device))  # noise, t fixed too
+    losses = []
+    for _ in range(max_steps):
+        s, c = trainer.module(batch)["loss"]
+        loss = s / c
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        losses.append(loss.item())
+        if losses[-1] <= 0.5 * losses[0]:
+            break
+    assert losses[-1] <= 0.5 * losses[0], f"{stage}: {losses[0]:.4f} -> {min(losses):.4f} in {len(losses)} steps"
+
+
+# ----------------------------------------------------------------------------- stage 1 loss mask
+
+def test_stage1_loss_reads_text_targets_only(world):
+    from kosmos_g.train.stage1 import LMModule, Stage1Builder, lm_target_mask
+
+    model = KosmosG.from_pretrained(world["kosmos"])
+    processor = KosmosGProcessor.from_pretrained(world["kosmos"])
+    tok = processor.tokenizer
+    builder = Stage1Builder(processor, max_length=256, image_first_prob=1.0)
+    raws = [next(iter_shards(expand_shards(world["shards"][k]))) for k in ("interleaved", "caption", "text")]
+    docs = [builder(raw, np.random.default_rng(0), "s") for raw in raws]
+    assert all(d.input_ids[0] == tok.bos_id and d.input_ids[-1] == tok.eos_id for d in docs)
+    batch = processor.collate(docs)
+    ids, attn, slots = batch["input_ids"], batch["attention_mask"], batch["image_mask"]
+    assert slots.any() and (attn == 0).any()
+    module = LMModule(model, exclude_ids=(tok.bos_id, tok.boi_id, tok.eoi_id))
+    base_sum, base_count = module(batch)["loss"]
+
+    keep = lm_target_mask(ids, attn, slots, (tok.bos_id, tok.boi_id, tok.eoi_id))
+    target = ids[:, 1:]
+    assert not keep[slots[:, 1:]].any() and not keep[attn[:, 1:] == 0].any()
+    assert not keep[(target == tok.boi_id) | (target == tok.eoi_id) | (target == tok.bos_id)].any()
+    assert keep[target == tok.eos_id].all()
+    assert int(base_count) == int(keep.sum())
+
+    # any id in the image slots: same loss (slot embeddings are overwritten, slot targets ignored)
+    scrambled = dict(batch)
+    scrambled["input_ids"] = ids.clone()
+    gen = torch.Generator().manual_seed(0)
+    scrambled["input_ids"][slots] = torch.randint(4, len(tok), (int(slots.sum()),), generator=gen)
+    s, c = module(scrambled)["loss"]
+    assert torch.equal(s, base_sum) and int(c) == int(base_count)
+    # ... while changing a text target does change it
+    text_pos = keep.nonzero()[0]
+    changed = dict(batch)
+    changed["input_ids"] = ids.clone()
+    b, t = int(text_pos[0]), int(text_pos[1]) + 1
+    changed["input_ids"][b, t] = (ids[b, t] + 1) % len(tok)
+    assert not torch.equal(module(changed)["loss"][0], base_sum)
+
+
+# ----------------------------------------------------------------------------- bad data, filters
+
+def test_training_skips_and_counts_bad_samples(world, tmp_path, capsys):
+    dirty = tmp_path / "dirty"
+    good = np.zeros((16, 16, 3), np.uint8)
+    with ShardWriter(dirty, max_samples=100) as w:
+        for i in range(4):
+            w.write({"json": {"kind": "caption", "caption": "a red hat"}, "png": good}, key=f"ok{i}")
+            w.write({"json": {"kind": "caption", "caption": "x"}, "png": b"not a png"}, key=f"bad-png{i}")
+            w.write({"json": b"{", "png": good}, key=f"bad-json{i}")
+            w.write({"json": {"kind": "interleaved", "segments": [{"image": 3}]}}, key=f"bad-member{i}")
+    summary = run_cli(cli_args(world, "stage1", tmp_path / "run", f"data.sources.1.shards={dirty}",
+                               "train.max_steps=3"), capsys)
+    assert summary["step"] == 3 and summary["data"]["bad"] > 0
+    assert int(read_csv(tmp_path / "run")[-1]["bad_samples"]) == summary["data"]["bad"]
+
+
+def test_stage2_filters_long_captions(world, tmp_path, capsys):
+    long_caps = tmp_path / "long"
+    with ShardWriter(long_caps, max_samples=100) as w:
+        for i in range(6):
+            w.write({"json": {"kind": "text", "text": "a photo of a dog " * 8}}, key=f"long{i}")  # > 75 CLIP tokens
+            w.write({"json": {"kind": "text", "text": "a red hat"}}, key=f"short{i}")
+    summary = run_cli(cli_args(world, "stage2", tmp_path / "run", f"data.sources.1.shards={long_caps}",
+                               "train.max_steps=2"), capsys)
+    assert summary["data"]["filtered"] > 0 and summary["data"]["bad"] == 0
+
+
+# ----------------------------------------------------------------------------- stage 3 options
+
+def test_stage3_latent_cache_gives_the_same_training(world, runs, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+    run_cli(cli_args(world, "stage3", out, f"stage3.latent_cache={cache}", "stage3.precompute_latents=true"))
+    entries = list(cache.glob("*/*.safetensors"))
+    assert len(entries) == 3 * 12  # every target of every source, once
+    assert json.loads((cache / "meta.json").read_text())["resolution"] == 32
+    a = load_file(str(runs["stage3"] / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    with pytest.raises(ValueError, match="was made for"):
+        from kosmos_g.train.latents import LatentCache
+        LatentCache(cache, {"vae": "other", "resolution": 32, "latent_channels": 4})
+
+
+def test_gradient_checkpointing_does_not_change_the_losses(world, runs, tmp_path):
+    out = tmp_path / "ckpt"
+    run_cli(cli_args(world, "stage3", out, "train.gradient_checkpointing=true", "train.stop_after=2"))
+    got, want = read_csv(out), read_csv(runs["stage3"])[:2]
+    np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-5)
