@@ -140,16 +140,37 @@ def test_guidance_one_skips_unconditional_branch(pipe):
         handle.remove()
 
 
-def test_encoder_runs_once_per_call(pipe, pics, monkeypatch):
+def test_encoder_runs_once_per_call(tiny_kosmos_dir, tiny_sd_dir, pics, monkeypatch):
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir)
     calls = []
     real = pipe.kosmos_g.encode
     monkeypatch.setattr(pipe.kosmos_g, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pipe(["<i> wearing <i>", "a cat next to <i>"], images=[[pics["dog"], pics["hat"]], [pics["dog"]]],
-         negative_prompt="blurry", num_images_per_prompt=3, num_inference_steps=4, output_type="np")
-    assert len(calls) == 1
-    calls.clear()
-    pipe("a dog", guidance_scale=1.0, num_inference_steps=4, output_type="np")
-    assert len(calls) == 1
+    pipe("a dog", num_inference_steps=2, output_type="np")
+    assert len(calls) == 2  # the first call also encodes the null condition, once for good
+    for kw in [dict(negative_prompt="blurry"), dict(), dict(guidance_scale=1.0)]:
+        calls.clear()
+        pipe(["<i> wearing <i>", "a cat next to <i>"], images=[[pics["dog"], pics["hat"]], [pics["dog"]]],
+             num_images_per_prompt=3, num_inference_steps=4, output_type="np", **kw)
+        assert len(calls) == 1, kw
+
+
+def test_null_condition_is_encoded_once_per_model_state(tiny_kosmos_dir, tiny_sd_dir, monkeypatch):
+    pipe = _load(tiny_kosmos_dir, tiny_sd_dir)
+    rows = []
+    real = pipe.kosmos_g.encode
+    monkeypatch.setattr(pipe.kosmos_g, "encode", lambda input_ids, *a, **k: rows.append(input_ids.shape[0])
+                        or real(input_ids, *a, **k))
+    first = pipe.encode_prompt(["a dog", "a cat"])
+    second = pipe.encode_prompt(["a dog", "a cat"])
+    assert rows == [1, 2, 2]  # the null alone (one token) once, then only the prompts
+    for a, b in zip(first, second):  # the same batches every call: bit-identical
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(second[1][0], pipe.kosmos_g.unconditional(1)[0], atol=0, rtol=0)
+    rows.clear()
+    with torch.no_grad():  # new weights (in place) -> the null is encoded again
+        next(pipe.kosmos_g.aligner.parameters()).mul_(1.5)
+    third = pipe.encode_prompt(["a dog", "a cat"])
+    assert rows == [1, 2] and (third[1] - second[1]).abs().max() > 0
 
 
 def test_cached_embeddings_skip_the_encoder(pipe, pics, monkeypatch):
@@ -393,3 +414,21 @@ def test_example_assets_are_small_and_readable():
         path = folder / f"{name}.png"
         assert path.is_file() and len(path.read_bytes()) < 10_000
         assert load_image(str(path)).size == (128, 128)
+
+
+def test_benchmark_script_writes_json(tmp_path):
+    """benchmarks/generate.py stays runnable (tiny preset, one step)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    bench.main(["--size-preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"kosmos_g", "diffusers"}
+    assert report["ratio_kosmos_g_over_diffusers"]["seconds_per_image"] > 0

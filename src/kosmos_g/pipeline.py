@@ -163,6 +163,45 @@ def _encode_items(model: KosmosG, processor: KosmosGProcessor,
         return model.encode(**batch)
 
 
+def _encode_prompts(model: KosmosG, processor: KosmosGProcessor, pairs: list, negative_pairs: list | None,
+                    null: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Prompts and (deduplicated) negatives in one encoder pass.
+
+    Returns (B, 77, D) conditions, (B, 77, D) negatives or None, and the null condition
+    (77, D) if one was used. A given ``null`` is reused instead of encoding `<s>` again:
+    padded to the prompts' length in the batch, it would cost as much as a prompt.
+    """
+    items = [processor.encode_prompt(p, im) for p, im in pairs]
+    null_key = tuple(processor.negative(None).input_ids)
+    rows: list[int] = []  # per prompt: index into `uniques`, or -1 for the given null
+    uniques: list[ProcessedPrompt] = []
+    seen: dict[tuple[int, ...], int] = {}
+    for p, im in negative_pairs or []:
+        neg = processor.negative(p, im)
+        key = tuple(neg.input_ids) if not neg.pixel_values else None
+        if key == null_key and null is not None:
+            rows.append(-1)
+        elif key is not None and key in seen:  # the usual case: one null condition for all
+            rows.append(seen[key])
+        else:
+            if key is not None:
+                seen[key] = len(uniques)
+            rows.append(len(uniques))
+            uniques.append(neg)
+    if items or uniques:
+        cond = _encode_items(model, processor, items + uniques)  # (B + U, 77, D)
+    else:  # only the given null was needed
+        cond = null.new_zeros((0, *null.shape))
+    B = len(items)
+    if null is None and null_key in seen:
+        null = cond[B + seen[null_key]]
+    negative = None
+    if negative_pairs is not None:
+        negative = torch.stack([null.to(cond) if r < 0 else cond[B + r] for r in rows])
+    return cond[:B], negative, null
+
+
 def kosmos_g_prompt_embeds(
     model: KosmosG,
     processor: KosmosGProcessor,
@@ -189,35 +228,25 @@ def kosmos_g_prompt_embeds(
         ...                                  device=sd.device, dtype=sd.unet.dtype)  # doctest: +SKIP
         >>> sd(prompt_embeds=pe, negative_prompt_embeds=npe, image=canny).images  # doctest: +SKIP
     """
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
     pairs = as_batch(prompt, images)
-    items = [processor.encode_prompt(p, im) for p, im in pairs]
-    neg_rows: list[int] = []
-    uniques: list[ProcessedPrompt] = []
-    if do_classifier_free_guidance:
-        seen: dict[tuple[int, ...], int] = {}
-        for p, im in as_batch(negative_prompt, negative_images, name="negative_prompt", batch_size=len(pairs)):
-            neg = processor.negative(p, im)
-            key = tuple(neg.input_ids) if not neg.pixel_values else None
-            if key is not None and key in seen:  # the usual case: one null condition for all
-                neg_rows.append(seen[key])
-                continue
-            if key is not None:
-                seen[key] = len(uniques)
-            neg_rows.append(len(uniques))
-            uniques.append(neg)
-    cond = _encode_items(model, processor, items + uniques)  # (B + U, 77, D)
-    B = len(items)
-    prompt_embeds = cond[:B]
-    negative = cond[B:][torch.tensor(neg_rows, device=cond.device)] if do_classifier_free_guidance else None
-    out = []
-    for t in (prompt_embeds, negative):
-        if t is not None:
-            t = t.repeat_interleave(num_images_per_prompt, dim=0).to(device=device or t.device,
-                                                                      dtype=dtype or t.dtype)
-        out.append(t)
-    return out[0], out[1]
+    negative_pairs = as_batch(negative_prompt, negative_images, name="negative_prompt",
+                              batch_size=len(pairs)) if do_classifier_free_guidance else None
+    pe, npe, _ = _encode_prompts(model, processor, pairs, negative_pairs)
+    return _expand(pe, num_images_per_prompt, device, dtype), _expand(npe, num_images_per_prompt, device, dtype)
+
+
+def _expand(t: torch.Tensor | None, n: int, device: Any, dtype: Any) -> torch.Tensor | None:
+    """(B, 77, D) -> (B * n, 77, D), prompt-major like diffusers, on device/dtype."""
+    if n < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {n}.")
+    if t is None:
+        return None
+    return t.repeat_interleave(n, dim=0).to(device=device or t.device, dtype=dtype or t.dtype)
+
+
+def _state_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced, modified in place, moved or cast."""
+    return tuple((id(p), p._version, p.device, p.dtype) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -312,6 +341,7 @@ class KosmosGPipeline:
         self._offload: dict[str, Any] | None = None
         self._offload_owner: Any = None
         self._loras: dict[str, float] = {}  # adapter name -> weight, in load order
+        self._null: tuple[tuple | None, torch.Tensor | None] = (None, None)  # (model state, null condition)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -463,11 +493,28 @@ class KosmosGPipeline:
             >>> [pipe(prompt_embeds=pe, negative_prompt_embeds=npe, generator=g) for g in gens]  # doctest: +SKIP
         """
         device = self.device
+        pairs = as_batch(prompt, images)
+        negative_pairs = as_batch(negative_prompt, negative_images, name="negative_prompt",
+                                  batch_size=len(pairs)) if do_classifier_free_guidance else None
         with self._kosmos_on(device):
-            return kosmos_g_prompt_embeds(
-                self.kosmos_g, self.processor, prompt, images, negative_prompt, negative_images,
-                num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=do_classifier_free_guidance, device=device, dtype=self.dtype)
+            null = self._null_condition() if do_classifier_free_guidance else None
+            pe, npe, _ = _encode_prompts(self.kosmos_g, self.processor, pairs, negative_pairs, null)
+        return (_expand(pe, num_images_per_prompt, device, self.dtype),
+                _expand(npe, num_images_per_prompt, device, self.dtype))
+
+    def _null_condition(self) -> torch.Tensor:
+        """The official null condition (`<s>` alone), (77, D), cached per model state.
+
+        It is the same for every call with the same weights, so it is encoded once, on
+        its own (one token), instead of padded to the prompts' length in every batch.
+        Encoding it alone also keeps each prompt's batch the same from call to call, so
+        a seed reproduces bit for bit.
+        """
+        key = _state_key(self.kosmos_g)
+        if self._null[0] != key:
+            null = _encode_items(self.kosmos_g, self.processor, [self.processor.negative(None)])[0]
+            self._null = (key, null)
+        return self._null[1]
 
     @contextlib.contextmanager
     def _kosmos_on(self, device: torch.device) -> Iterator[None]:
@@ -664,6 +711,5 @@ class KosmosGPipeline:
         """Negative conditions for ``batch_size`` precomputed prompt embeddings."""
         pairs = as_batch(negative_prompt, negative_images, name="negative_prompt", batch_size=batch_size)
         with self._kosmos_on(self.device):
-            cond = _encode_items(self.kosmos_g, self.processor,
-                                 [self.processor.negative(p, im) for p, im in pairs])
-        return cond.to(device=self.device, dtype=self.dtype)
+            _, npe, _ = _encode_prompts(self.kosmos_g, self.processor, [], pairs, self._null_condition())
+        return npe.to(device=self.device, dtype=self.dtype)
