@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import that torchvision is absent (we use PIL processors on
+    # purpose); keep the CLI's output to what the user asked for.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
