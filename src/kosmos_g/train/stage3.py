@@ -136,6 +136,30 @@ class Stage3Builder:
         return example
 
 
+@torch.no_grad()
+def encode_targets(vae, targets: torch.Tensor) -> torch.Tensor:
+    """(N, 3, R, R) in [-1, 1] -> the VAE posterior's parameters (N, 2C, R/f, R/f), fp32."""
+    return vae.encode(targets.to(vae.dtype)).latent_dist.parameters.float()
+
+
+@torch.no_grad()
+def draw_latents(params: torch.Tensor, seeds: Sequence[int], scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents sampled from posterior ``params`` (B, 2C, h, w) and the diffusion noise.
+
+    Both come from each sample's own generator (seeded on the CPU, so they do not depend on
+    the device or on which process holds the sample).
+    """
+    mean, logvar = params.chunk(2, dim=1)  # (B, C, h, w) each
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps, noise = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        eps.append(torch.randn(mean.shape[1:], generator=g))
+        noise.append(torch.randn(mean.shape[1:], generator=g))
+    latents = (mean + std * torch.stack(eps).to(mean.device)) * scaling
+    return latents, torch.stack(noise).to(mean.device)
+
+
 class DiffusionModule(nn.Module):
     """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
 
@@ -236,10 +260,8 @@ class Stage3(Stage):
         batch["targets"] = [ex.get("target") for ex in examples]
         return batch
 
-    @torch.no_grad()
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        """(N, 3, R, R) in [-1, 1] -> VAE posterior parameters (N, 2C, R/f, R/f), fp32."""
-        return self.vae.encode(targets.to(self.device, self.weight_dtype)).latent_dist.parameters.float()
+        return encode_targets(self.vae, targets.to(self.device))
 
     @torch.no_grad()
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -252,17 +274,9 @@ class Stage3(Stage):
                 params[i] = fresh[j]
                 if self.cache is not None:
                     self.cache.put(*batch["keys"][i], fresh[j])
-        mean, logvar = torch.stack(params).chunk(2, dim=1)  # (B, C, h, w) each
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        eps, noise = [], []
-        for seed in batch["seeds"].tolist():  # each sample's own noise, wherever it is computed
-            g = torch.Generator().manual_seed(seed)
-            eps.append(torch.randn(mean.shape[1:], generator=g))
-            noise.append(torch.randn(mean.shape[1:], generator=g))
-        latents = (mean + std * torch.stack(eps).to(self.device)) * self.scaling
+        latents, noise = draw_latents(torch.stack(params), batch["seeds"].tolist(), self.scaling)
         out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds")}
-        out["latents"] = latents
-        out["noise"] = torch.stack(noise).to(self.device)
+        out["latents"], out["noise"] = latents, noise
         return out
 
     # ------------------------------------------------------------------ latent cache

@@ -120,6 +120,7 @@ class Trainer:
         self._sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
         set_seed(recipe.train.seed)
         self.stage = _stage_class(stage)(recipe, acc)
         module = self.stage.module
@@ -127,8 +128,12 @@ class Trainer:
         if not self.params:
             raise ValueError(f"{stage}: nothing to train (every parameter is frozen).")
         opt = recipe.optim
+        fused = opt.fused
+        if fused is None:
+            fused = acc.distributed_type != DistributedType.DEEPSPEED and all(
+                p.is_floating_point() and acc.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
-                                           eps=opt.eps, weight_decay=opt.weight_decay)
+                                           eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, linear_warmup_decay(opt.warmup_steps, recipe.train.max_steps, opt.schedule))
         if acc.distributed_type == DistributedType.DEEPSPEED:
