@@ -198,7 +198,7 @@ def listening_sd(tmp_path_factory, tiny_sd_dir):
 OVERFIT = {  # lr, max steps, extra overrides
     "stage1": (3e-3, 60, ()),
     "stage2": (3e-3, 60, ()),
-    "stage3": (1e-2, 200, ("data.batch_size=2", "stage3.resolution=16")),
+    "stage3": (1e-2, 300, ("data.batch_size=2", "stage3.resolution=16")),  # halves in ~150
 }
 
 

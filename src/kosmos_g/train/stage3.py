@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.shards import BadSample, decode_image, iter_shard, validate_sample
-from ..processing import KosmosGProcessor, ProcessedPrompt
+from ..processing import KosmosGProcessor
 from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
 from .latents import LatentCache
@@ -306,7 +306,7 @@ class Stage3(Stage):
             for raw in iter_shard(path, on_error=lambda p, e: logger.warning("damaged shard %s: %s", p, e)):
                 try:
                     kind = validate_sample(raw)["kind"]
-                    if kind not in KINDS or self.cache.get(name, raw["__key__"]) is not None:
+                    if kind not in KINDS or self.cache.path(name, raw["__key__"]).is_file():
                         continue
                     todo.append((name, raw["__key__"], preprocess_target(decode_image(raw, _TARGET_STEM[kind]), size)))
                 except Exception as e:  # counted and skipped again during training
