@@ -330,3 +330,24 @@ def test_gradient_accumulation_matches_the_big_batch(world, runs, tmp_path):
     got, want = read_csv(out), read_csv(runs["stage3"])[:3]
     assert [r["samples"] for r in got] == [r["samples"] for r in want]
     np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=1e-5)
+
+
+def test_v_prediction_and_tensorboard(world, tmp_path):
+    out = tmp_path / "v"
+    run_cli(cli_args(world, "stage3", out, "stage3.prediction_type=v_prediction", "train.max_steps=2",
+                     "log.tensorboard=true", "checkpoint.every=0"))
+    assert all(math.isfinite(float(r["loss"])) for r in read_csv(out))
+    assert list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    from kosmos_g.train.trainer import STATE_FILE, latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step-00000002", True), ("step-00000004", True), ("step-00000006.tmp", True),
+                           ("step-00000008", False)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / STATE_FILE).write_text("{}")
+    assert latest_checkpoint(root) == root / "step-00000004"
+    assert latest_checkpoint(tmp_path / "none") is None
