@@ -161,5 +161,5 @@ def test_a_source_with_no_usable_sample_fails_loudly(tmp_path):
         for i in range(3):
             w.write({"json": b"{"}, key=f"b{i}")
     source = Source.from_spec("bad", tmp_path / "bad", 1.0)
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(RuntimeError, match="no usable sample.*Last error: BadSample"):
         _take(MixtureStream([source], _key_builder, stream=0, num_streams=1, seed=0, shuffle_buffer=1), 1)

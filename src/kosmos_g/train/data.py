@@ -164,10 +164,12 @@ class MixtureStream:
                 return raw, epoch, offset
             # epoch over
             if st["good"] == 0:
+                last = getattr(self, "_last_error", None)
                 raise RuntimeError(
                     f"Data source {source.name!r} gave no usable sample to stream {self.stream} of "
                     f"{self.num_streams} in epoch {st['epoch']} ({st['offset']} read); check its shards, "
                     "or use fewer data.streams than it has samples."
+                    + (f" Last error: {last}" if last else "")
                 )
             st["epoch"], st["offset"], st["good"] = st["epoch"] + 1, 0, 0
             self._iters.pop(source.name)
@@ -189,6 +191,7 @@ class MixtureStream:
                     self._state["filtered"] += 1
                     continue
                 except Exception as e:  # a bad sample never stops a run
+                    self._last_error = f"{type(e).__name__}: {e}"
                     self._state["bad"] += 1
                     n = self._state["bad"]
                     if n <= 10 or n % 100 == 0:
