@@ -89,7 +89,7 @@ def test_controlnet_lora_and_img2img_flags(tiny_args, tiny_sd_dir, tmp_path, cap
     out = tmp_path / "out"
     rc, _, _ = _run(["generate", "<i> in a forest", "-i", DOG, *tiny_args, "--seed", "1", "--controlnet",
                      str(cn), "--control-image", edges, "--control-scale", "0.8", "--lora", f"{lora}:0.7",
-                     "--scheduler", "euler-a", "-o", str(out)], capsys)
+                     "--scheduler", "euler-a", "--size", "32", "-o", str(out)], capsys)
     assert rc == 0
     settings = json.loads(next(out.glob("*.json")).read_text())["settings"]
     assert settings["controlnet"] == [str(cn)] and settings["control_scales"] == [0.8]
@@ -99,13 +99,14 @@ def test_controlnet_lora_and_img2img_flags(tiny_args, tiny_sd_dir, tmp_path, cap
                 capsys)[0] == 0
     np.testing.assert_array_equal(_pixels(next((tmp_path / "re").glob("*.png"))), _pixels(png))
 
-    scene, mask = str(EXAMPLES / "scene.png"), str(EXAMPLES / "mask.png")
-    rc, _, _ = _run(["generate", "<i> make it snowy", "-i", scene, *tiny_args, "--init-image", scene,
+    scene, mask = tmp_path / "scene.png", str(EXAMPLES / "mask.png")
+    Image.open(EXAMPLES / "scene.png").resize((48, 40)).save(scene)
+    rc, _, _ = _run(["generate", "<i> make it snowy", "-i", str(scene), *tiny_args, "--init-image", str(scene),
                      "--strength", "0.6", "-o", str(tmp_path / "edit")], capsys)
-    assert rc == 0 and Image.open(next((tmp_path / "edit").glob("*.png"))).size == (128, 128)
-    rc, _, _ = _run(["generate", "<i> in the sky", "-i", HAT, *tiny_args, "--init-image", scene, "--mask", mask,
-                     "--size", "64", "-o", str(tmp_path / "inpaint")], capsys)
-    assert rc == 0 and Image.open(next((tmp_path / "inpaint").glob("*.png"))).size == (64, 64)
+    assert rc == 0 and Image.open(next((tmp_path / "edit").glob("*.png"))).size == (48, 40)  # the init's size
+    rc, _, _ = _run(["generate", "<i> in the sky", "-i", HAT, *tiny_args, "--init-image", str(scene), "--mask",
+                     mask, "--size", "32", "-o", str(tmp_path / "inpaint")], capsys)
+    assert rc == 0 and Image.open(next((tmp_path / "inpaint").glob("*.png"))).size == (32, 32)
 
 
 def test_random_tiny_runs_without_checkpoints_and_says_so(tmp_path, capsys):

@@ -244,9 +244,13 @@ def _expand(t: torch.Tensor | None, n: int, device: Any, dtype: Any) -> torch.Te
     return t.repeat_interleave(n, dim=0).to(device=device or t.device, dtype=dtype or t.dtype)
 
 
-def _state_key(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced, modified in place, moved or cast."""
-    return tuple((id(p), p._version, p.device, p.dtype) for p in model.parameters())
+def _state_key(model: torch.nn.Module) -> tuple | None:
+    """Changes whenever a parameter is replaced, modified in place, moved or cast
+    (None when that cannot be told: inference-mode tensors have no version counter)."""
+    try:
+        return tuple((id(p), p._version, p.device, p.dtype) for p in model.parameters())
+    except RuntimeError:
+        return None
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -511,7 +515,7 @@ class KosmosGPipeline:
         a seed reproduces bit for bit.
         """
         key = _state_key(self.kosmos_g)
-        if self._null[0] != key:
+        if key is None or self._null[0] != key:
             null = _encode_items(self.kosmos_g, self.processor, [self.processor.negative(None)])[0]
             self._null = (key, null)
         return self._null[1]
