@@ -85,7 +85,7 @@ def reduced_kosmos() -> KosmosGConfig:
     )
 
 
-def build(preset: str, workdir: Path):
+def build(preset: str):
     """(kosmos config, unet kwargs, vae kwargs, clip text kwargs, default size)."""
     if preset == "tiny":
         unet = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype or ("fp16" if device.type == "cuda" else "fp32"))
     workdir = Path(tempfile.mkdtemp(prefix="kosmos-g-bench-"))
-    kcfg, unet_kw, vae_kw, clip_kw, default_size = build(args.size_preset, workdir)
+    kcfg, unet_kw, vae_kw, clip_kw, default_size = build(args.size_preset)
     size = args.size or default_size
 
     torch.manual_seed(0)
