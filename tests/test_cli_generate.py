@@ -12,12 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kosmos_g.cli import main
 
 EXAMPLES = files("kosmos_g") / "assets" / "examples"
 DOG, HAT = str(EXAMPLES / "dog.png"), str(EXAMPLES / "hat.png")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from a second thread, and two spinning OpenMP threads on a
+    busy 2-core machine run several times slower; restored for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +169,7 @@ def test_bad_inputs_exit_nonzero_with_one_line(case, tiny_args, tmp_path, capsys
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    env = {**os.environ, "KOSMOS_G_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "KOSMOS_G_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("KOSMOS_G_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "kosmos_g.cli", "generate", "<i> on grass", "-i",
                            str(tmp_path / "missing.png"), "--random-tiny"],
