@@ -426,13 +426,14 @@ def test_example_assets_are_small_and_readable():
         assert load_image(str(path)).size == (128, 128)
 
 
-def test_benchmark_script_writes_json(tmp_path):
+def test_benchmark_script_writes_json(tmp_path, monkeypatch):
     """benchmarks/generate.py stays runnable (tiny preset, one step)."""
     import importlib.util
     import json
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/generate.py` has it
     spec = importlib.util.spec_from_file_location("bench_generate", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
