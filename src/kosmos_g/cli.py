@@ -74,4 +74,8 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so that subcommands raising
+    # kosmos_g.cli.CLIError are caught by the same class.
+    from kosmos_g.cli import main as _main
+
+    sys.exit(_main())
