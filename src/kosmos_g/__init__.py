@@ -3,16 +3,36 @@
 Interleaved text + image prompts -> a multimodal LLM -> AlignerNet -> a 77x768
 condition that any Stable-Diffusion-1.5-family diffusers pipeline accepts in place of
 CLIP's text embedding.
+
+Names are imported lazily, so ``kosmos-g --help`` does not pay for torch/transformers.
 """
 
-from .config import (AlignerConfig, KosmosGConfig, MLLMConfig, ResamplerConfig, VisionConfig,
-                     get_preset, list_presets)
-from .models import KosmosG, build_model
-from .processing import KosmosGProcessor, load_image
-from .tokenizer import FairseqTokenizer, HFTokenizer, load_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AlignerConfig", "FairseqTokenizer", "HFTokenizer", "KosmosG", "KosmosGConfig",
-           "KosmosGProcessor", "MLLMConfig", "ResamplerConfig", "VisionConfig", "build_model",
-           "get_preset", "list_presets", "load_image", "load_tokenizer"]
+_EXPORTS = {
+    "AlignerConfig": "config", "KosmosGConfig": "config", "MLLMConfig": "config",
+    "ResamplerConfig": "config", "VisionConfig": "config", "get_preset": "config",
+    "list_presets": "config",
+    "KosmosG": "models", "build_model": "models",
+    "KosmosGProcessor": "processing", "load_image": "processing",
+    "FairseqTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kosmos_g' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
