@@ -1,0 +1,235 @@
+"""Tests for the micro tokenizers and the micro-CLIP / micro-SD stand-ins (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kosmos_g.micro import standins as S
+from kosmos_g.micro import tokenizers as T
+from kosmos_g.micro import world
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(T.build_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return S.train_micro_clip(tmp_path_factory.mktemp("clip") / "clip", smoke=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory, clip_dir):
+    return S.train_micro_sd(tmp_path_factory.mktemp("sd") / "sd", clip_dir, smoke=True, progress=False)
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def test_world_words_cover_sampled_captions_and_instructions():
+    words = set(T.world_words())
+    for line in T.world_text(1, 3000):
+        assert set(T._WORD_RE.findall(line)) <= words, line
+
+
+def test_clip_tokenizer_gives_one_id_per_world_word(clip_tokenizer):
+    tok = clip_tokenizer
+    for line in T.world_text(2, 500):
+        ids = tok(line).input_ids
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert len(ids) == len(T._WORD_RE.findall(line)) + 2, line
+        assert tok.unk_token_id not in ids[1:-1]
+        assert len(ids) <= tok.model_max_length == T.CLIP_MAX_LENGTH
+    assert [tok.convert_ids_to_tokens(i) for i in tok("hexagon").input_ids[1:-1]] == ["hexagon</w>"]
+    assert tok.tokenize("zebra") == ["z", "e", "b", "r", "a</w>"]  # unknown words fall back to characters
+
+
+def test_clip_tokenizer_files_alone_give_the_same_ids(clip_tokenizer, tmp_path):
+    from transformers import CLIPTokenizer
+
+    path = T.build_clip_tokenizer(tmp_path / "tok")
+    (path / "tokenizer.json").unlink()  # only vocab.json + merges.txt (+ config) left
+    slow = CLIPTokenizer.from_pretrained(path)
+    line = T.world_text(3, 1)[0]
+    assert slow(line).input_ids == clip_tokenizer(line).input_ids
+
+
+def test_spm_tokenizer_round_trips_world_text_deterministically(tmp_path):
+    from kosmos_g.tokenizer import FairseqTokenizer, load_tokenizer
+
+    a = T.build_spm_tokenizer(tmp_path / "a", n_lines=2000)
+    b = T.build_spm_tokenizer(tmp_path / "b", n_lines=2000)
+    for name in ("sentencepiece.bpe.model", "dict.txt"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    tok = load_tokenizer(a)
+    assert isinstance(tok, FairseqTokenizer)
+    for line in T.world_text(4, 300):
+        ids = tok.encode(line)
+        assert tok.unk_id not in ids and tok.decode(ids) == line
+    assert all(len(tok.encode(w)) == 1 for w in T.world_words())  # a word is a piece
+
+
+def test_atomic_dir_leaves_nothing_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with T.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- scene reading
+
+
+def test_read_scene_is_exact_on_renders():
+    rng = np.random.default_rng(0)
+    for size in (32, 64):
+        for _ in range(10):
+            scene = world.sample_scene(rng)
+            seen = S.read_scene(world.render(scene, size).image)
+            assert seen.background == scene.background and set(seen.objects) == set(scene.objects)
+            assert S.match_scene(scene, seen)["subject"] == 1.0
+
+
+def test_perturb_scene_changes_exactly_one_thing():
+    rng = np.random.default_rng(1)
+    scene = world.Scene("gray", (world.ObjectSpec("circle", "red", "solid", "small", "left"),
+                                 world.ObjectSpec("star", "blue", "dotted", "large", "top")))
+    for kind in S.PERTURBATIONS:
+        new, got = S.perturb_scene(rng, scene, kind)
+        assert got == kind and new != scene
+        if kind.startswith("swap_"):
+            attr = kind[5:]
+            assert [getattr(o, attr) for o in new.objects] == [getattr(o, attr) for o in scene.objects][::-1]
+    with pytest.raises(ValueError, match="does not apply"):
+        S.perturb_scene(rng, replace(scene, objects=scene.objects[:1]), "swap_color")
+
+
+# ---------------------------------------------------------------------------- micro-CLIP
+
+
+def test_clip_loss_falls_when_overfitting_a_fixed_batch(clip_tokenizer):
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer
+    model = CLIPModel(S.micro_clip_config(len(tok), S.SMOKE_CLIP, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id))
+    images, captions, negatives = S.clip_batch(np.random.default_rng(0), 8, crop_fraction=0.25)
+    ids = tok(captions + negatives, padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    pixels = S.images_to_clip_pixels(images)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss, _ = S.clip_loss(model, pixels, ids[:8], ids[8:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < 0.85 * losses[0]
+
+
+def test_micro_clip_folders_load_and_give_the_right_shapes(clip_dir):
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+
+    tok = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    text = CLIPTextModel.from_pretrained(clip_dir / "text_encoder")
+    vision = CLIPVisionModel.from_pretrained(clip_dir / "vision")
+    clip = CLIPModel.from_pretrained(clip_dir / "clip")
+    ids = tok(["a small red striped circle on the left, on a gray background"], padding="max_length",
+              max_length=tok.model_max_length, return_tensors="pt").input_ids
+    hidden = text(ids).last_hidden_state
+    assert hidden.shape == (1, T.CLIP_MAX_LENGTH, text.config.hidden_size)
+    torch.testing.assert_close(hidden, clip.text_model(ids).last_hidden_state)
+    image = world.render(world.sample_scene(np.random.default_rng(0))).image  # (64, 64, 3)
+    pixels = S.images_to_clip_pixels(image[None])
+    out = vision(pixel_values=pixels).last_hidden_state
+    patches = (S.IMAGE_SIZE // vision.config.patch_size) ** 2
+    assert out.shape == (1, patches + 1, vision.config.hidden_size)
+    log = json.loads((clip_dir / "train_log.json").read_text())
+    assert all(np.isfinite(r["loss"]) for r in log["log"])
+    metrics = S.evaluate_micro_clip(clip_dir, n=16)
+    assert 0.0 <= metrics["i2t"] <= 1.0 and "bind_swap_color" in metrics
+
+
+def test_micro_clip_is_deterministic_for_a_seed(tmp_path, clip_dir):
+    again = S.train_micro_clip(tmp_path / "clip", smoke=True, progress=False)
+    for sub in ("text_encoder", "vision"):
+        assert (again / sub / "model.safetensors").read_bytes() == (clip_dir / sub / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------------- micro-SD
+
+
+def test_micro_sd_loss_falls_when_overfitting_a_fixed_batch(clip_dir):
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    text = CLIPTextModel.from_pretrained(clip_dir / "text_encoder")
+    unet = S.micro_unet(S.SMOKE_UNET, cross_attention_dim=text.config.hidden_size)
+    scenes, images, _ = S._scenes_and_images(np.random.default_rng(0), 4, S.SD_SIZE)
+    with torch.no_grad():
+        cond = S.encode_captions(text, tok, [s.caption() for s in scenes])
+    x0 = S.images_to_sd_pixels(images)
+    sched = DDPMScheduler(**S.NOISE_SCHEDULE, prediction_type="v_prediction")
+    noise, t = torch.randn_like(x0), torch.tensor([100, 300, 500, 700])
+    target = sched.get_velocity(x0, noise, t)
+    noisy = sched.add_noise(x0, noise, t)
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.mse_loss(unet(noisy, t, cond).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+
+
+def test_micro_sd_folder_loads_and_generates(sd_dir):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    assert sorted(p.name for p in sd_dir.iterdir()) == [
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "train_log.json", "unet"]
+    unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet")
+    sched = DPMSolverMultistepScheduler.from_pretrained(sd_dir / "scheduler")
+    assert sched.config.lambda_min_clipped == -5.1 and sched.config.prediction_type == "v_prediction"
+    assert unet.config.sample_size == S.SD_SIZE and unet.config.in_channels == 3
+    images = S.generate_micro_sd(sd_dir, ["a large red solid star in the center, on a gray background", ""],
+                                 num_inference_steps=3)
+    assert images.shape == (2, S.SD_SIZE, S.SD_SIZE, 3) and images.dtype == np.uint8
+    again = S.generate_micro_sd(sd_dir, ["a large red solid star in the center, on a gray background", ""],
+                                num_inference_steps=3)
+    assert np.array_equal(images, again)
+    # diffusers' own pipeline reads the folder too (vae=None: the samples are pixels)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, vae=None, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    side = S.SD_SIZE * pipe.vae_scale_factor
+    out = pipe(["a red star"], height=side, width=side, num_inference_steps=2, output_type="latent").images
+    assert out.shape == (1, 3, S.SD_SIZE, S.SD_SIZE)
+
+
+def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
+    with pytest.raises(ValueError, match="prediction_type"):
+        S.train_micro_sd(tmp_path / "sd", clip_dir, prediction_type="x0", smoke=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="micro-CLIP"):
+        S.train_micro_sd(tmp_path / "sd", tmp_path / "missing", smoke=True, progress=False)
+
+
+@pytest.mark.parametrize("module", [T, S])
+def test_docstring_examples_run(module):
+    import doctest
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
