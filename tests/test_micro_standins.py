@@ -163,7 +163,8 @@ def test_micro_clip_folders_load_and_give_the_right_shapes(clip_dir):
 def test_micro_clip_is_deterministic_for_a_seed(tmp_path, clip_dir):
     again = S.train_micro_clip(tmp_path / "clip", smoke=True, progress=False)
     for sub in ("text_encoder", "vision"):
-        assert (again / sub / "model.safetensors").read_bytes() == (clip_dir / sub / "model.safetensors").read_bytes()
+        weights = "model.safetensors"
+        assert (again / sub / weights).read_bytes() == (clip_dir / sub / weights).read_bytes()
 
 
 # ---------------------------------------------------------------------------- micro-SD

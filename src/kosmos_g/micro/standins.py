@@ -13,8 +13,9 @@ folder layouts, so that the project's loaders read them unchanged:
   ``tokenizer/`` (the word-level CLIPTokenizer of :mod:`.tokenizers`).
 * micro-SD (:func:`train_micro_sd`): a diffusers ``UNet2DConditionModel`` conditioned on
   the FROZEN micro-CLIP text encoder's ``last_hidden_state`` (as SD is), trained
-  text-to-image on full captions with caption dropout. Saved as an SD1.5-layout diffusers
-  folder.
+  text-to-image on full captions with caption dropout, in PIXEL space at 32x32 (no VAE:
+  measured cheaper than training one, see ``docs/micro-notes.md``). Saved in the SD1.5
+  folder layout minus ``vae/``; :func:`generate_micro_sd` samples it.
 
 :func:`read_scene` reads a scene back from an image by analysis-by-synthesis against the
 renderer, which makes caption-following measurable without any learned classifier.
@@ -31,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -49,6 +51,8 @@ from ..config import CLIP_MEAN, CLIP_STD
 from . import world
 from .tokenizers import CLIP_MAX_LENGTH, atomic_dir, build_clip_tokenizer
 from .world import ObjectSpec, Scene
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
 """The world's resolution, and micro-CLIP's vision input (8x8 patches of 8 px + class token)."""
@@ -80,6 +84,10 @@ def images_to_clip_pixels(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
+    return seq[int(rng.integers(len(seq)))]
+
+
 def _caption_pair(rng: np.random.Generator, a: Scene, b: Scene) -> tuple[str, str]:
     """Captions of ``a`` and ``b`` in the same grammar variant, so they differ only where
     the scenes do."""
@@ -109,7 +117,8 @@ def perturb_scene(rng: np.random.Generator, scene: Scene, kind: str | None = Non
     free = [p for p in world.POSITIONS if p not in {o.position for o in objs}]
 
     def differing_pairs(attr: str) -> list[tuple[int, int]]:
-        return [(i, j) for i in range(n) for j in range(i + 1, n) if getattr(objs[i], attr) != getattr(objs[j], attr)]
+        return [(i, j) for i in range(n) for j in range(i + 1, n)
+                if getattr(objs[i], attr) != getattr(objs[j], attr)]
 
     applies = {
         "color": n > 0, "pattern": n > 0, "size": n > 0, "position": n > 0 and bool(free),
@@ -118,16 +127,17 @@ def perturb_scene(rng: np.random.Generator, scene: Scene, kind: str | None = Non
         "swap_position": n > 1,
     }
     if kind is None:
-        kind = world._pick(rng, [k for k in PERTURBATIONS if applies[k]])
+        kind = _pick(rng, [k for k in PERTURBATIONS if applies[k]])
     if kind not in PERTURBATIONS:
         raise ValueError(f"kind={kind!r} is unknown; use one of {list(PERTURBATIONS)}")
     if not applies[kind]:
         raise ValueError(f"kind={kind!r} does not apply to {scene}; pick another kind")
     if kind == "background":
-        return replace(scene, background=world._pick(rng, [b for b in world.BACKGROUNDS if b != scene.background])), kind
+        others = [b for b in world.BACKGROUNDS if b != scene.background]
+        return replace(scene, background=_pick(rng, others)), kind
     if kind.startswith("swap_"):
         attr = kind[5:]
-        i, j = world._pick(rng, differing_pairs(attr) if attr != "position" else
+        i, j = _pick(rng, differing_pairs(attr) if attr != "position" else
                            [(i, j) for i in range(n) for j in range(i + 1, n)])
         a, b = getattr(objs[i], attr), getattr(objs[j], attr)
         objs[i], objs[j] = replace(objs[i], **{attr: b}), replace(objs[j], **{attr: a})
@@ -141,7 +151,7 @@ def perturb_scene(rng: np.random.Generator, scene: Scene, kind: str | None = Non
     else:
         table = {"color": tuple(world.COLORS), "pattern": world.PATTERNS, "size": tuple(world.SIZES)}[kind]
         values = [v for v in table if v != getattr(objs[i], kind)]
-    objs[i] = replace(objs[i], **{kind: world._pick(rng, values)})
+    objs[i] = replace(objs[i], **{kind: _pick(rng, values)})
     return replace(scene, objects=tuple(objs)), kind
 
 
@@ -185,7 +195,8 @@ def micro_clip_config(vocab_size: int, sizes: MicroClipSizes | None = None, *, b
         num_attention_heads=s.vision_heads, image_size=IMAGE_SIZE, patch_size=s.patch_size,
         projection_dim=s.projection_dim, hidden_act="quick_gelu",
     )
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=s.projection_dim)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=s.projection_dim)
 
 
 def entity_caption(obj: ObjectSpec) -> str:
@@ -213,7 +224,7 @@ def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: floa
             obj = scene.objects[i]
             captions.append(entity_caption(obj))
             if hard_negatives:
-                kind = world._pick(rng, ("color", "pattern", "shape"))
+                kind = _pick(rng, ("color", "pattern", "shape"))
                 bad, _ = perturb_scene(rng, Scene("gray", (obj,)), kind)
                 negatives.append(entity_caption(bad.objects[0]))
             continue
@@ -290,14 +301,17 @@ def train_micro_clip(
         tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer(tmp / "tokenizer"))
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        config = micro_clip_config(len(tok), sizes, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = micro_clip_config(len(tok), sizes, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
         model = CLIPModel(config)
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
+        logger.info("micro-CLIP: training all %d parameters", n_params)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.98), eps=1e-6)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
         log: list[dict[str, float]] = []
         bar = tqdm(range(steps), desc="micro-CLIP", disable=not progress)
@@ -504,7 +518,9 @@ def sd_pixels_to_images(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _scenes_and_images(rng: np.random.Generator, n: int, size: int) -> tuple[list[Scene], np.ndarray, np.ndarray]:
+def _scenes_and_images(
+    rng: np.random.Generator, n: int, size: int
+) -> tuple[list[Scene], np.ndarray, np.ndarray]:
     """``n`` random scenes, their (n, S, S, 3) uint8 renders and (n, S, S) bool object masks."""
     scenes = [world.sample_scene(rng) for _ in range(n)]
     results = [world.render(s, size) for s in scenes]
@@ -648,6 +664,8 @@ def train_micro_sd(
     else:
         unet = micro_unet(sizes, cross_attention_dim=text_encoder.config.hidden_size)
     unet.train()
+    logger.info("micro-SD: training %d U-Net parameters; text encoder frozen",
+                sum(p.numel() for p in unet.parameters()))
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
@@ -670,7 +688,8 @@ def train_micro_sd(
         per_sample = (F.mse_loss(pred, target, reduction="none") * weight).mean(dim=(1, 2, 3))  # (B,)
         if snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), epsilon and v forms
             clipped = snr[t].clamp(max=snr_gamma)
-            per_sample = per_sample * (clipped / snr[t] if prediction_type == "epsilon" else clipped / (snr[t] + 1))
+            per_sample = per_sample * (clipped / snr[t] if prediction_type == "epsilon"
+                                       else clipped / (snr[t] + 1))
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -710,7 +729,8 @@ def save_micro_sd(path: str | os.PathLike, *, unet, text_encoder, tokenizer, sch
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "feature_extractor": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", type(scheduler).__name__], "text_encoder": ["transformers", "CLIPTextModel"],
+             "scheduler": ["diffusers", type(scheduler).__name__],
+             "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": [None, None]}
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -734,7 +754,8 @@ def load_micro_sd(sd_dir: str | os.PathLike) -> MicroSD:
 
     sd_dir = Path(sd_dir)
     if not (sd_dir / "unet").is_dir():
-        raise FileNotFoundError(f"{sd_dir / 'unet'} not found; is {sd_dir} a micro-SD folder (train_micro_sd)?")
+        raise FileNotFoundError(f"{sd_dir / 'unet'} not found; is {sd_dir} a micro-SD folder "
+                                "(see train_micro_sd)?")
     return MicroSD(
         unet=UNet2DConditionModel.from_pretrained(sd_dir / "unet").eval(),
         scheduler=DPMSolverMultistepScheduler.from_pretrained(sd_dir / "scheduler"),

@@ -132,7 +132,8 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 def _byte_unicode() -> list[str]:
     """The printable characters CLIP's byte-level BPE uses for the 256 byte values, in
     byte order (OpenAI's ``bytes_to_unicode``)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -223,9 +224,10 @@ def build_clip_tokenizer(out_dir: str | os.PathLike, *, max_length: int = CLIP_M
 def build_spm_tokenizer(
     out_dir: str | os.PathLike, *, vocab_size: int = SPM_VOCAB_SIZE, seed: int = 0, n_lines: int = 20000
 ) -> Path:
-    """Train the micro MLLM's SentencePiece BPE model (as the official ``sentencepiece.bpe.model``) on ``n_lines`` of :func:`world_text` (plus
-    every world word once) and write it with a fairseq ``dict.txt`` (pieces by corpus
-    frequency), as :class:`kosmos_g.tokenizer.FairseqTokenizer` folders hold them.
+    """Train the micro MLLM's SentencePiece BPE model (BPE like the official
+    ``sentencepiece.bpe.model``) on ``n_lines`` of :func:`world_text` plus every world word
+    once, and write it with a fairseq ``dict.txt`` (pieces by corpus frequency), as
+    :class:`kosmos_g.tokenizer.FairseqTokenizer` folders hold them.
 
     Deterministic: fixed corpus, seed, one thread, and no file paths inside the model.
 
