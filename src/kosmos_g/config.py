@@ -275,6 +275,27 @@ def tiny_preset() -> KosmosGConfig:
     )
 
 
+@register_preset("micro")
+def micro_preset() -> KosmosGConfig:
+    """The micro Kosmos-G of the synthetic world (:mod:`kosmos_g.micro`, ~1M parameters).
+
+    Its vision tower is micro-CLIP's (64 px, 8 px patches: 65 tokens); AlignerNet writes
+    40 x 64 conditions, the shape of micro-CLIP's text encoder output that micro-SD's
+    U-Net reads; the MLLM's vocabulary is the world's SentencePiece + fairseq dictionary.
+    """
+    return KosmosGConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, hidden_size=64, num_layers=4,
+                            num_heads=4, intermediate_size=256),
+        resampler=ResamplerConfig(input_dim=64, output_dim=128, num_queries=16, num_heads=4),
+        mllm=MLLMConfig(vocab_size=209, hidden_size=128, num_layers=4, num_heads=4, ffn_dim=512,
+                        max_positions=256, dropout=0.0, attention_dropout=0.0),
+        aligner=AlignerConfig(input_dim=128, hidden_size=64, num_heads=4, ffn_dim=256,
+                              encoder_layers=2, decoder_layers=2, num_queries=40, output_dim=64,
+                              max_positions=256, recon_encoder_layers=2, recon_decoder_layers=2),
+        max_images=4,
+    )
+
+
 def list_presets() -> list[str]:
     """Names accepted by :func:`get_preset`."""
     return sorted(_PRESETS)

@@ -301,11 +301,24 @@ def _require_dir(path: Path, what: str, hint: str) -> None:
         raise NotADirectoryError(f"{what} is not a folder: {path} ({hint})")
 
 
+def _rgb_unet(config_path: Path) -> bool:
+    """Whether a U-Net config describes a pixel-space model (3 channels in and out)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("in_channels") == 3 and config.get("out_channels") == 3
+
+
 class KosmosGPipeline:
     """Interleaved text+image prompts -> images, through diffusers' SD1.5 pipelines.
 
     Build with :meth:`from_pretrained` (a Kosmos-G folder + an SD1.5 diffusers folder;
     the SD folder's CLIP text encoder is never loaded) or from objects.
+
+    A pixel-space U-Net (3 channels in and out, no ``vae/``: the micro world's micro-SD)
+    is supported for text-to-image: its samples are the images, in [-1, 1], and
+    ``height``/``width`` are pixels.
 
     Example:
         >>> pipe = KosmosGPipeline.from_pretrained("ckpt/kosmos-g", "ckpt/sd-v1-5")  # doctest: +SKIP
@@ -370,7 +383,10 @@ class KosmosGPipeline:
         kosmos_dir, sd_dir = Path(kosmos_dir), Path(sd_dir)
         _require_dir(kosmos_dir, "Kosmos-G folder", "pass the folder holding config.json and model.safetensors")
         _require_dir(sd_dir, "SD folder", "pass a diffusers Stable Diffusion 1.5 folder")
+        pixel_space = not (sd_dir / "vae").exists() and _rgb_unet(sd_dir / "unet" / "config.json")
         for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+            if sub == "vae" and pixel_space:
+                continue
             if not (sd_dir / sub).is_dir():
                 raise FileNotFoundError(
                     f"SD folder {sd_dir} has no {sub}/; pass a diffusers Stable Diffusion 1.5 folder "
@@ -383,7 +399,7 @@ class KosmosGPipeline:
         processor = KosmosGProcessor.from_pretrained(kosmos_dir)
         load = {"torch_dtype": dtype} if dtype is not None else {}
         unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"), **load)
-        vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"), **load)
+        vae = None if pixel_space else AutoencoderKL.from_pretrained(str(sd_dir / "vae"), **load)
         config = json.loads((sd_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
         sched = make_scheduler(scheduler, config)
         nets = None
@@ -659,6 +675,9 @@ class KosmosGPipeline:
                 else "`control_image` given but no ControlNet is loaded; pass controlnet= to from_pretrained."
             )
         task = "inpaint" if mask_image is not None else "img2img" if image is not None else "text2img"
+        if self.vae is None and (task != "text2img" or self.controlnet is not None):
+            raise ValueError(f"This pipeline's U-Net works in pixel space (no VAE): only text-to-image without "
+                             f"ControlNet is supported, not {task}{' with ControlNet' if self.controlnet else ''}.")
         pipe = self.diffusers_pipeline(task)
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
         if "scale" in cross_attention_kwargs:  # diffusers' spelling of the LoRA scale
@@ -708,8 +727,34 @@ class KosmosGPipeline:
 
         # 3. Denoise and decode: diffusers' own loop, LoRA scaled for this call only.
         self._activate(pipe)
+        if self.vae is None:
+            return self._pixel_space_call(pipe, prompt_embeds, negative_prompt_embeds, lora_scale, call)
         with _scaled_lora(self.unet, lora_scale):
             return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **call)
+
+    def _pixel_space_call(self, pipe: Any, prompt_embeds: torch.Tensor, negative_prompt_embeds: Any,
+                          lora_scale: float | None, call: dict[str, Any]) -> Any:
+        """diffusers' loop on an RGB U-Net: its "latents" are the image, so nothing is decoded.
+
+        diffusers sizes latents as pixels / ``vae_scale_factor`` (8 without a VAE), so pixel
+        sizes are scaled up on the way in and the samples are post-processed here.
+        """
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        output_type = call.pop("output_type")
+        return_dict = call.pop("return_dict", True)
+        f = pipe.vae_scale_factor
+        for key in ("height", "width"):
+            call[key] = call.get(key, self.unet.config.sample_size) * f
+        with _scaled_lora(self.unet, lora_scale):
+            out = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                       output_type="latent", **call)
+        samples = out.images if hasattr(out, "images") else out[0]  # (B, 3, H, W) in [-1, 1]
+        if output_type != "latent":
+            samples = pipe.image_processor.postprocess(samples.float(), output_type=output_type)
+        if not return_dict:
+            return samples, None
+        return StableDiffusionPipelineOutput(images=samples, nsfw_content_detected=None)
 
     def _negative_only(self, negative_prompt: Any, negative_images: Any, batch_size: int) -> torch.Tensor:
         """Negative conditions for ``batch_size`` precomputed prompt embeddings."""

@@ -529,20 +529,28 @@ def _reference(scene: Scene, index: int) -> str:
 
 
 def caption_sample(
-    rng: np.random.Generator, *, size: int = 64, exclude_held_out: bool = True
+    rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
+    exclude_held_out: bool = True,
 ) -> dict[str, Any]:
     """A ``caption`` sample: ``{"json": {...}, "png": (H, W, 3) uint8}``.
+
+    ``target_size`` (default ``size``) renders the image at another resolution: images a
+    sample only ever shows as a diffusion target (``png`` of stage-3 captions, ``tgt.png``)
+    are rendered natively at micro-SD's resolution rather than resized, so stage 3 sees
+    exactly the pictures micro-SD learned to draw; model inputs stay at ``size``.
 
     Example:
         >>> sorted(caption_sample(np.random.default_rng(0)))
         ['json', 'png']
     """
     scene = sample_scene(rng, exclude_held_out=exclude_held_out)
-    return {"json": {"kind": "caption", "caption": scene.caption(rng)}, "png": render(scene, size).image}
+    return {"json": {"kind": "caption", "caption": scene.caption(rng)},
+            "png": render(scene, target_size or size).image}
 
 
 def compositional_sample(
-    rng: np.random.Generator, *, size: int = 64, exclude_held_out: bool = True
+    rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
+    exclude_held_out: bool = True,
 ) -> dict[str, Any]:
     """A ``compositional`` sample: the caption with each object's entity span, the target
     image ``"tgt.png"``, and per entity ``i`` the crops ``"e{i}_square.png"`` and
@@ -560,7 +568,7 @@ def compositional_sample(
     entities = [{"text": caption[start:end], "start": start, "end": end} for start, end in spans]
     sample: dict[str, Any] = {
         "json": {"kind": "compositional", "caption": caption, "entities": entities},
-        "tgt.png": result.image,
+        "tgt.png": render(scene, target_size).image if target_size else result.image,
     }
     for i in range(len(scene.objects)):
         sample[f"e{i}_square.png"], sample[f"e{i}_white.png"] = entity_crops(result, i)
@@ -568,7 +576,8 @@ def compositional_sample(
 
 
 def edit_sample(
-    rng: np.random.Generator, *, size: int = 64, exclude_held_out: bool = True
+    rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
+    exclude_held_out: bool = True,
 ) -> dict[str, Any]:
     """An ``edit`` sample: the source caption and instruction, ``"src.png"`` and ``"tgt.png"``.
 
@@ -582,5 +591,5 @@ def edit_sample(
     return {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction},
         "src.png": render(src, size).image,
-        "tgt.png": render(tgt, size).image,
+        "tgt.png": render(tgt, target_size or size).image,
     }

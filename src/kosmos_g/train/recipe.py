@@ -204,7 +204,9 @@ class Stage3Spec:
     """Instruction tuning through the frozen U-Net."""
 
     sd_path: str | None = None
-    """A diffusers SD1.5-layout folder (``unet/``, ``vae/``, ``scheduler/``)."""
+    """A diffusers SD1.5-layout folder (``unet/``, ``vae/``, ``scheduler/``). Without ``vae/``
+    an RGB U-Net (3 channels in and out, e.g. micro-SD) is trained in pixel space on
+    targets in [-1, 1]."""
     resolution: int = 512
     cond_dropout: float = 0.1
     """Share of conditions replaced by the null condition (``<s>`` alone), for guidance."""

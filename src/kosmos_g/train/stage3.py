@@ -160,6 +160,13 @@ def draw_latents(params: torch.Tensor, seeds: Sequence[int], scaling: float) -> 
     return latents, torch.stack(noise).to(mean.device)
 
 
+@torch.no_grad()
+def draw_pixel_noise(pixels: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-space targets (B, 3, R, R) as they are, and each sample's diffusion noise from its own generator."""
+    noise = [torch.randn(pixels.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return pixels, torch.stack(noise).to(pixels.device)
+
+
 class DiffusionModule(nn.Module):
     """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
 
@@ -209,11 +216,20 @@ class Stage3(Stage):
         self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
                                        vision_last_block=spec.train_vision_last_block)
         sd = Path(spec.sd_path)
-        if not (sd / "unet").is_dir() or not (sd / "vae").is_dir():
-            raise FileNotFoundError(f"stage3.sd_path={sd} needs unet/ and vae/ subfolders (a diffusers SD folder).")
+        if not (sd / "unet").is_dir():
+            raise FileNotFoundError(f"stage3.sd_path={sd} has no unet/ subfolder; pass a diffusers SD folder.")
         # Frozen and never exported: held in the mixed-precision dtype, as diffusers' scripts do.
         self.unet = UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet", torch_dtype=self.weight_dtype)
-        self.vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=self.weight_dtype)
+        self.vae = None  # pixel space (micro-SD): the U-Net denoises RGB in [-1, 1] directly
+        if (sd / "vae").is_dir():
+            self.vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae", torch_dtype=self.weight_dtype)
+        elif self.unet.config.in_channels != 3 or self.unet.config.out_channels != 3:
+            raise FileNotFoundError(
+                f"stage3.sd_path={sd} has no vae/ and its U-Net has {self.unet.config.in_channels} input "
+                "channels; a latent U-Net needs the SD folder's vae/ (only an RGB U-Net runs in pixel space).")
+        elif spec.latent_cache:
+            raise ValueError(f"stage3.latent_cache is set but {sd} is a pixel-space model (no vae/): "
+                             "there is nothing to cache; remove stage3.latent_cache.")
         self.noise_scheduler = DDPMScheduler.from_pretrained(str(sd), subfolder="scheduler")
         if spec.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
@@ -223,13 +239,17 @@ class Stage3(Stage):
         if self.unet.config.cross_attention_dim != self.model.config.aligner.output_dim:
             raise ValueError(f"The U-Net attends to {self.unet.config.cross_attention_dim}-wide conditions but "
                              f"AlignerNet outputs {self.model.config.aligner.output_dim}.")
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.vae is None:
+            self.vae_factor, self.scaling = 1, 1.0
+        else:
+            self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
         if spec.resolution % self.vae_factor:
             raise ValueError(f"stage3.resolution={spec.resolution} must be a multiple of the VAE factor "
                              f"{self.vae_factor}.")
-        self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
         for net in (self.unet, self.vae):
-            net.requires_grad_(False).eval().to(self.device)
+            if net is not None:
+                net.requires_grad_(False).eval().to(self.device)
         if recipe.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
             self.unet.enable_gradient_checkpointing()
@@ -261,6 +281,8 @@ class Stage3(Stage):
         return batch
 
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # pixel space: the target is the "latent"
+            return targets.to(self.device).float()
         return encode_targets(self.vae, targets.to(self.device))
 
     @torch.no_grad()
@@ -274,7 +296,10 @@ class Stage3(Stage):
                 params[i] = fresh[j]
                 if self.cache is not None:
                     self.cache.put(*batch["keys"][i], fresh[j])
-        latents, noise = draw_latents(torch.stack(params), batch["seeds"].tolist(), self.scaling)
+        if self.vae is None:
+            latents, noise = draw_pixel_noise(torch.stack(params), batch["seeds"].tolist())
+        else:
+            latents, noise = draw_latents(torch.stack(params), batch["seeds"].tolist(), self.scaling)
         out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds")}
         out["latents"], out["noise"] = latents, noise
         return out

@@ -1,0 +1,434 @@
+"""Micro DreamBench: does the micro Kosmos-G draw the subjects it is SHOWN, in the context it is TOLD?
+
+Three prompt sets, all built from the world with a fixed seed:
+
+* **single**: each of the 16 held-out subjects (attribute combinations never used as a
+  stage-3 subject) as an image in a prompt with NO word naming it, e.g.
+  ``"a large <i> on the left, on a green background"`` (the caption grammar with the
+  entity words replaced by the subject's background-whitened crop, as in the paper's
+  compositional data); ``samples`` seeds each.
+* **two**: pairs of held-out subjects, ``"a small <i> on the top and a large <i> on the
+  right, on a pink background"``.
+* **edit**: a rendered scene and an instruction, ``"<i>make the circle blue"``.
+
+Scoring reads each generated image back with :func:`.standins.read_scene`, which
+matches every grid cell against the renderer's own pictures of all 512 (shape, colour,
+pattern, size) objects: a nearest-neighbour attribute classifier whose training set is
+the renderer's ground truth, exact on real renders. Columns:
+
+* ``subject``: shape, colour and pattern all right (per subject); ``shape``/``color``/
+  ``pattern`` separately; ``context``: background and position both right;
+* ``two``: ``subject`` per subject on the two-subject set;
+* ``edit``: the instruction is carried out (background as asked, the objects the edit
+  adds are there and the ones it removes are gone, on shape, colour, pattern, position);
+* ``clip_i`` / ``clip_t`` / ``dino``: the micro analogues of the paper's CLIP-I, CLIP-T and
+  DINO: micro-CLIP image-image cosine to the real render, image-text cosine to the full
+  caption, and cosine of micro-CLIP's mean patch features (spatial appearance, which is
+  what DINO scores) to the real render.
+
+Rows: Kosmos-G (shipped), Kosmos-G after stage 2 only (before instruction tuning),
+micro-SD given only the context words (the paper's SD baseline, which cannot know the
+subject: chance level), micro-SD given the full caption (what the U-Net can draw when the
+subject is NAMED: an upper reference), and the real renders (the oracle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import world
+from .standins import EVAL_SEED, SD_SIZE, images_to_clip_pixels, read_scene
+from .world import ObjectSpec, Scene
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.0
+EDIT_SEED = EVAL_SEED + 1
+CHANCE = {"subject": 1 / 256, "shape": 1 / 8, "color": 1 / 8, "pattern": 1 / 4, "context": 1 / 72}
+
+
+def embedded_models() -> Path:
+    """The folder of the shipped micro models (``kosmos-g/``, ``kosmos-g-stage2/``, ``sd/``, ``clip/``)."""
+    return Path(str(resources.files("kosmos_g") / "micro" / "checkpoints"))
+
+
+# ============================================================================ prompt sets
+
+
+@dataclass
+class Case:
+    """One prompt: interleaved text (``<i>`` placeholders) + images, and the scene it asks for."""
+
+    prompt: str
+    images: list[np.ndarray]
+    target: Scene
+    text_only: str = ""
+    """The prompt with the subject words removed (what the text-only baseline gets)."""
+    full_caption: str = ""
+    source: Scene | None = None
+    """Edits: the scene before the instruction."""
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace(" ,", ",").split())
+
+
+def _scene_case(scene: Scene, rng: np.random.Generator) -> Case:
+    """Replace every object's entity words by its subject image (background-whitened crop)."""
+    caption, spans = scene.caption_with_spans(rng)
+    prompt, text_only, cursor = "", "", 0
+    images = []
+    for obj, (start, end) in sorted(zip(scene.objects, spans), key=lambda p: p[1][0]):
+        prompt += caption[cursor:start] + "<i>"
+        text_only += caption[cursor:start]
+        images.append(world.subject_image(obj))
+        cursor = end
+    prompt += caption[cursor:]
+    text_only += caption[cursor:]
+    return Case(prompt=prompt, images=images, target=scene, text_only=_clean(text_only), full_caption=caption)
+
+
+def single_cases(prompts_per_subject: int = 2, seed: int = EVAL_SEED) -> list[Case]:
+    """Every held-out subject, alone, in ``prompts_per_subject`` random contexts."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for subject in sorted(world.held_out_subjects()):
+        for _ in range(prompts_per_subject):
+            position = world.POSITIONS[int(rng.integers(len(world.POSITIONS)))]
+            size = list(world.SIZES)[int(rng.integers(len(world.SIZES)))]
+            background = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
+            scene = Scene(background, (ObjectSpec(*subject, size=size, position=position),))
+            cases.append(_scene_case(scene, rng))
+    return cases
+
+
+def two_cases(n: int = 16, seed: int = EVAL_SEED + 2) -> list[Case]:
+    """``n`` pairs of held-out subjects with different shapes, in random cells and contexts."""
+    rng = np.random.default_rng(seed)
+    held = sorted(world.held_out_subjects())
+    cases = []
+    while len(cases) < n:
+        a, b = (held[int(i)] for i in rng.choice(len(held), 2, replace=False))
+        if a[0] == b[0]:
+            continue
+        cells = rng.choice(len(world.POSITIONS), 2, replace=False)
+        sizes = list(world.SIZES)
+        objs = tuple(ObjectSpec(*s, size=sizes[int(rng.integers(len(sizes)))], position=world.POSITIONS[int(c)])
+                     for s, c in zip((a, b), cells))
+        background = world.BACKGROUNDS[int(rng.integers(len(world.BACKGROUNDS)))]
+        cases.append(_scene_case(Scene(background, objs), rng))
+    return cases
+
+
+def edit_cases(n: int = 48, seed: int = EDIT_SEED) -> list[Case]:
+    """``n`` instruction edits of random scenes: ``"<i>instruction"`` (no caption, as half of training)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        scene = world.sample_scene(rng)
+        src, tgt, instruction = world.make_edit(rng, scene)
+        cases.append(Case(prompt="<i>" + instruction, images=[world.render(src).image], target=tgt,
+                          source=src, text_only=instruction, full_caption=tgt.caption()))
+    return cases
+
+
+# ============================================================================ scoring
+
+
+def _key(o: ObjectSpec) -> tuple[str, str, str, str]:
+    return (o.shape, o.color, o.pattern, o.position)
+
+
+def edit_followed(source: Scene, target: Scene, seen: Scene) -> bool:
+    """The instruction is carried out: the background as asked, every object the edit adds
+    (or changes into) is there and every object it removes (or changes from) is gone,
+    compared on shape, colour, pattern and position."""
+    src, tgt, got = ({_key(o) for o in s.objects} for s in (source, target, seen))
+    return seen.background == target.background and (tgt - src) <= got and not ((src - tgt) & got)
+
+
+def score_scene(case: Case, image: np.ndarray) -> dict[str, float]:
+    """Per-image scores of one case (see the module docstring)."""
+    seen = read_scene(image)
+    if case.source is not None:
+        return {"edit": float(edit_followed(case.source, case.target, seen))}
+    free = list(seen.objects)
+    rows = []
+    for obj in case.target.objects:
+        best = max(free, key=lambda o: (o.subject == obj.subject, o.position == obj.position,
+                                        sum(getattr(o, a) == getattr(obj, a) for a in ("shape", "color", "pattern"))),
+                   default=None)
+        if best is not None:
+            free.remove(best)
+        rows.append({
+            "subject": float(best is not None and best.subject == obj.subject),
+            "shape": float(best is not None and best.shape == obj.shape),
+            "color": float(best is not None and best.color == obj.color),
+            "pattern": float(best is not None and best.pattern == obj.pattern),
+            "position": float(best is not None and best.position == obj.position),
+        })
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["background"] = float(seen.background == case.target.background)
+    out["context"] = float(out["background"] == 1.0 and out["position"] == 1.0)
+    return out
+
+
+class ClipScorer:
+    """The micro analogues of CLIP-I, CLIP-T and DINO, on micro-CLIP."""
+
+    def __init__(self, clip_dir: str | os.PathLike) -> None:
+        from transformers import CLIPModel, CLIPTokenizer
+
+        self.model = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+
+    @torch.no_grad()
+    def _image(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.model.config.vision_config.image_size
+        if images.shape[1] != size:  # nearest upsampling keeps the generated pixels as they are
+            k = size // images.shape[1]
+            images = images.repeat(k, axis=1).repeat(k, axis=2)
+        out = self.model.vision_model(pixel_values=images_to_clip_pixels(images))
+        emb = self.model.visual_projection(out.pooler_output)
+        patches = out.last_hidden_state[:, 1:].mean(1)
+        return torch.nn.functional.normalize(emb, dim=-1), torch.nn.functional.normalize(patches, dim=-1)
+
+    @torch.no_grad()
+    def _text(self, texts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt").input_ids
+        emb = self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
+        return torch.nn.functional.normalize(emb, dim=-1)
+
+    def scores(self, images: np.ndarray, references: np.ndarray, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        gi, gp = self._image(images)
+        ri, rp = self._image(references)
+        t = self._text(captions)
+        return {"clip_i": (gi * ri).sum(-1).numpy(), "clip_t": (gi * t).sum(-1).numpy(),
+                "dino": (gp * rp).sum(-1).numpy()}
+
+
+# ============================================================================ generators
+
+
+class KosmosGGenerator:
+    """Images for cases through :class:`kosmos_g.pipeline.KosmosGPipeline` (the real path)."""
+
+    def __init__(self, kosmos_dir: str | os.PathLike, sd_dir: str | os.PathLike, *, steps: int, guidance: float):
+        from ..pipeline import KosmosGPipeline
+
+        self.pipe = KosmosGPipeline.from_pretrained(kosmos_dir, sd_dir, dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.guidance = steps, guidance
+
+    def __call__(self, cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
+        from PIL import Image
+
+        out = self.pipe([c.prompt for c in cases], images=[[Image.fromarray(im) for im in c.images] for c in cases],
+                        num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
+                        generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
+        return (np.asarray(out.images) * 255).round().astype(np.uint8)
+
+
+class TextSDGenerator:
+    """micro-SD on text alone: ``field="text_only"`` (context words) or ``"full_caption"``."""
+
+    def __init__(self, sd_dir: str | os.PathLike, *, field: str, steps: int, guidance: float) -> None:
+        from .standins import load_micro_sd
+
+        self.sd = load_micro_sd(sd_dir)
+        self.sd.unet.float()
+        self.sd.text_encoder.float()
+        self.field, self.steps, self.guidance = field, steps, guidance
+
+    def __call__(self, cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
+        from .standins import generate_micro_sd
+
+        # generate_micro_sd seeds one noise tensor per call: one call per seed keeps images
+        # independent of batch composition.
+        return np.concatenate([generate_micro_sd(self.sd, [getattr(c, self.field)], num_inference_steps=self.steps,
+                                                 guidance_scale=self.guidance, seed=int(s))
+                               for c, s in zip(cases, seeds)])
+
+
+def oracle(cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
+    """The real renders of the asked-for scenes."""
+    return np.stack([world.render(c.target, SD_SIZE).image for c in cases])
+
+
+# ============================================================================ the evaluation
+
+
+def _run(generate, cases: list[Case], samples: int, batch_size: int = 16) -> tuple[list[Case], np.ndarray]:
+    flat = [(c, EVAL_SEED + 1000 * i + k) for i, c in enumerate(cases) for k in range(samples)]
+    images = [generate([c for c, _ in flat[j:j + batch_size]], [s for _, s in flat[j:j + batch_size]])
+              for j in range(0, len(flat), batch_size)]
+    return [c for c, _ in flat], np.concatenate(images)
+
+
+def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
+             quick: bool = False, samples: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE, rows: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run micro DreamBench on a release folder (default: the embedded models).
+
+    ``quick``: 16 single-subject prompts, 8 pairs and 16 edits, one sample each (CI);
+    otherwise 32 prompts x ``samples`` (4), 16 pairs x 4, 48 edits x 1. Returns
+    ``{"rows": {name: metrics}, "settings": ...}``; with ``out_dir`` also writes
+    ``table.json``, ``table.md`` and ``grid.png``.
+    """
+    models = Path(models) if models is not None else embedded_models()
+    for sub in ("kosmos-g", "sd", "clip"):
+        if not (models / sub).is_dir():
+            raise FileNotFoundError(f"{models / sub} not found: pass --models a release folder written by "
+                                    "`kosmos-g micro train-all` (its release/ subfolder).")
+    samples = samples or (1 if quick else 4)
+    sets = {"single": single_cases(1 if quick else 2), "two": two_cases(8 if quick else 16),
+            "edit": edit_cases(16 if quick else 48)}
+    generators: dict[str, Any] = {
+        "Kosmos-G": lambda: KosmosGGenerator(models / "kosmos-g", models / "sd", steps=num_inference_steps,
+                                             guidance=guidance_scale),
+        "Kosmos-G, stage 2 only": lambda: KosmosGGenerator(models / "kosmos-g-stage2", models / "sd",
+                                                           steps=num_inference_steps, guidance=guidance_scale),
+        "micro-SD, context words only": lambda: TextSDGenerator(models / "sd", field="text_only",
+                                                               steps=num_inference_steps, guidance=guidance_scale),
+        "micro-SD, subject named (reference)": lambda: TextSDGenerator(
+            models / "sd", field="full_caption", steps=num_inference_steps, guidance=guidance_scale),
+        "real renders (oracle)": lambda: oracle,
+    }
+    if not (models / "kosmos-g-stage2").is_dir():
+        generators.pop("Kosmos-G, stage 2 only")
+    if rows is not None:
+        unknown = set(rows) - set(generators)
+        if unknown:
+            raise ValueError(f"Unknown rows {sorted(unknown)}; choose from {list(generators)}.")
+        generators = {k: v for k, v in generators.items() if k in rows}
+    scorer = ClipScorer(models / "clip")
+    table: dict[str, dict[str, float]] = {}
+    grid: dict[str, dict[str, np.ndarray]] = {}
+    for name, make in generators.items():
+        generate = make()
+        row: dict[str, float] = {}
+        grid[name] = {}
+        t0 = time.time()
+        n_images = 0
+        for set_name, cases in sets.items():
+            if set_name == "edit" and name.startswith("micro-SD"):
+                continue  # a text-to-image model cannot see the picture to edit
+            flat, images = _run(generate, cases, samples if set_name != "edit" else 1)
+            n_images += len(images)
+            grid[name][set_name] = images[:: (samples if set_name != "edit" else 1)][:8]
+            per = [score_scene(c, im) for c, im in zip(flat, images)]
+            if set_name == "single":
+                for k in ("subject", "shape", "color", "pattern", "context"):
+                    row[k] = float(np.mean([p[k] for p in per]))
+                refs = np.stack([world.render(c.target).image for c in flat])
+                for k, v in scorer.scores(images, refs, [c.full_caption for c in flat]).items():
+                    row[k] = float(v.mean())
+            elif set_name == "two":
+                row["two"] = float(np.mean([p["subject"] for p in per]))
+                row["two_context"] = float(np.mean([p["context"] for p in per]))
+            else:
+                row["edit"] = float(np.mean([p["edit"] for p in per]))
+        row["s_per_image"] = (time.time() - t0) / max(1, n_images) if name != "real renders (oracle)" else 0.0
+        table[name] = row
+    result = {"rows": table, "settings": {
+        "quick": quick, "samples": samples, "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "threads": torch.get_num_threads(),
+        "cases": {k: len(v) for k, v in sets.items()}, "models": str(models)}}
+    if "Kosmos-G" in generators:
+        result["single_image_s"] = time_one_image(models, num_inference_steps, guidance_scale)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "table.json", json.dumps(result, indent=1))
+        _atomic_write(out / "table.md", format_table(result) + "\n")
+        write_grid(out / "grid.png", sets, grid)
+    return result
+
+
+def time_one_image(models: Path, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                   repeats: int = 3) -> float:
+    """Median wall seconds for ONE image (prompt encoding included) at the current thread count."""
+    gen = KosmosGGenerator(models / "kosmos-g", models / "sd", steps=steps, guidance=guidance)
+    case = single_cases(1)[0]
+    gen([case], [0])  # warm-up
+    times = []
+    for k in range(repeats):
+        t0 = time.perf_counter()
+        gen([case], [k])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+COLUMNS = (("subject", "subject (3 attrs)"), ("shape", "shape"), ("color", "colour"), ("pattern", "pattern"),
+           ("context", "context"), ("two", "2 subjects"), ("edit", "edit"), ("clip_i", "CLIP-I~"),
+           ("clip_t", "CLIP-T~"), ("dino", "DINO~"), ("s_per_image", "s/image"))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The result as a Markdown table (accuracies in %, similarities as cosines)."""
+    head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, row in result["rows"].items():
+        cells = []
+        for key, _ in COLUMNS:
+            if key not in row:
+                cells.append("-")
+            elif key in ("clip_i", "clip_t", "dino"):
+                cells.append(f"{row[key]:.3f}")
+            elif key == "s_per_image":
+                cells.append(f"{row[key]:.2f}")
+            else:
+                cells.append(f"{100 * row[key]:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    s = result["settings"]
+    lines.append("")
+    lines.append(f"{s['cases']['single']} single-subject prompts x {s['samples']}, {s['cases']['two']} two-subject "
+                 f"prompts x {s['samples']}, {s['cases']['edit']} edits x 1; {s['num_inference_steps']} steps, "
+                 f"guidance {s['guidance_scale']}, {s['threads']} threads.")
+    if "single_image_s" in result:
+        lines.append(f"One image (batch 1, encoding included): {result['single_image_s']:.2f} s.")
+    return "\n".join(lines)
+
+
+def write_grid(path: Path, sets: dict[str, list[Case]], grid: dict[str, dict[str, np.ndarray]],
+               per_set: int = 4, cell: int = 64) -> None:
+    """A PNG: per example, the prompt's image(s), then each model's first sample."""
+    from PIL import Image, ImageDraw
+
+    names = list(grid)
+    label_w = 6 * max(len(n) for n in names + ["prompt images"]) + 8  # PIL's default font: ~6 px a letter
+    rows = [(set_name, i, case) for set_name, cases in sets.items() for i, case in enumerate(cases[:per_set])]
+    canvas = Image.new("RGB", (label_w + cell * len(rows), 16 + cell * (1 + len(names))), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(["prompt images"] + names):
+        draw.text((4, 16 + cell * r + cell // 2 - 6), name, fill="black")
+    for col, (set_name, i, case) in enumerate(rows):
+        x = label_w + cell * col
+        draw.text((x + 2, 2), f"{set_name} {i}", fill="black")
+        prompt_imgs = [Image.fromarray(im).resize((cell // len(case.images), cell // len(case.images)),
+                                                  Image.NEAREST) for im in case.images]
+        for k, im in enumerate(prompt_imgs):
+            canvas.paste(im, (x + k * (cell // len(case.images)), 16))
+        for r, name in enumerate(names):
+            imgs = grid[name].get(set_name)
+            if imgs is None or i >= len(imgs):
+                continue
+            canvas.paste(Image.fromarray(imgs[i]).resize((cell, cell), Image.NEAREST), (x, 16 + cell * (r + 1)))
+    tmp = path.with_name(path.name + ".tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)

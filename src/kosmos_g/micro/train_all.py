@@ -1,0 +1,225 @@
+"""``kosmos-g micro train-all``: every model of the micro world, from scratch, in order.
+
+1. ``tokenizer/``: the micro MLLM's SentencePiece BPE + fairseq ``dict.txt``;
+2. ``clip/``: micro-CLIP (:func:`.standins.train_micro_clip`), the stand-in for CLIP ViT-L/14;
+3. ``sd/``: micro-SD (:func:`.standins.train_micro_sd`), the stand-in for Stable Diffusion 1.5;
+4. ``shards/``: the world's samples as WebDataset shards (the training schemas);
+5. ``stage1/``, ``stage2/``, ``stage3/``: micro Kosmos-G, trained ONLY by the project's own
+   ``kosmos-g train stageN`` command on the packaged ``micro-stageN`` recipes;
+6. ``release/``: what the package ships (fp16): ``kosmos-g/`` (after stage 3),
+   ``kosmos-g-stage2/`` (the "before instruction tuning" baseline), ``sd/``, ``clip/``.
+
+Every step writes its folder atomically and is skipped when the folder exists, so an
+interrupted run continues where it stopped (a stage in progress resumes from its last
+checkpoint). Seeds are fixed; ``train_all.json`` records each step's wall time.
+
+Example:
+    >>> summary = train_all("runs/micro", smoke=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import world
+from .tokenizers import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything ``train-all`` does (the full recipe, or ``--smoke``)."""
+
+    clip_steps: int = 2000
+    clip_batch: int = 64
+    sd_steps: int = 1500
+    sd_batch: int = 32
+    stage1_steps: int | None = None
+    """None: the ``micro-stage1`` recipe's ``train.max_steps`` (likewise for stages 2 and 3)."""
+    stage2_steps: int | None = None
+    stage3_steps: int | None = None
+    stage_batch: int | None = None
+    """None: each recipe's own ``data.batch_size``."""
+    stage1_captions: int = 12_000
+    stage1_texts: int = 6_000
+    stage2_texts: int = 20_000
+    stage3_captions: int = 4_000
+    stage3_edits: int = 8_000
+    stage3_compositional: int = 8_000
+    per_shard: int = 1_000
+
+
+FULL = Budget()
+SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, stage1_steps=2, stage2_steps=2,
+               stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage2_texts=16,
+               stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
+
+SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage2-text": 201,
+               "stage3-caption": 301, "stage3-edit": 302, "stage3-compositional": 303}
+"""One seed per shard set; evaluation uses :data:`.standins.EVAL_SEED` and the held-out subjects."""
+
+
+def _text_sample(rng: np.random.Generator) -> dict[str, Any]:
+    """A ``text`` sample: a scene's caption, or an edit instruction (the world's language)."""
+    scene = world.sample_scene(rng, exclude_held_out=True)
+    if rng.random() < 0.5:
+        return {"json": {"kind": "text", "text": scene.caption(rng)}}
+    _, _, instruction = world.make_edit(rng, scene, exclude_held_out=True)
+    return {"json": {"kind": "text", "text": instruction}}
+
+
+def _caption_text(rng: np.random.Generator) -> dict[str, Any]:
+    """A ``text`` sample holding one caption (stage 2 aligns captions only)."""
+    return {"json": {"kind": "text", "text": world.sample_scene(rng, exclude_held_out=True).caption(rng)}}
+
+
+def shard_makers(sd_size: int) -> dict[str, Callable[[np.random.Generator], dict[str, Any]]]:
+    """The sample function of each shard set. Model inputs are 64 px (micro-CLIP's size);
+    stage-3 targets are rendered natively at micro-SD's ``sd_size``."""
+    return {
+        "stage1-caption": lambda rng: world.caption_sample(rng),
+        "stage1-text": _text_sample,
+        "stage2-text": _caption_text,
+        "stage3-caption": lambda rng: world.caption_sample(rng, target_size=sd_size),
+        "stage3-edit": lambda rng: world.edit_sample(rng, target_size=sd_size),
+        "stage3-compositional": lambda rng: world.compositional_sample(rng, target_size=sd_size),
+    }
+
+
+def write_shards(root: str | os.PathLike, budget: Budget = FULL, *, progress: bool = True) -> dict[str, Path]:
+    """Write every shard set under ``root/<name>/`` (each set atomically; existing sets are kept)."""
+    from tqdm.auto import tqdm
+
+    from ..data.shards import ShardWriter
+    from .standins import SD_SIZE
+
+    counts = {"stage1-caption": budget.stage1_captions, "stage1-text": budget.stage1_texts,
+              "stage2-text": budget.stage2_texts, "stage3-caption": budget.stage3_captions,
+              "stage3-edit": budget.stage3_edits, "stage3-compositional": budget.stage3_compositional}
+    root = Path(root)
+    out = {}
+    for name, make in shard_makers(SD_SIZE).items():
+        out[name] = root / name
+        if out[name].is_dir():
+            continue
+        rng = np.random.default_rng(SHARD_SEEDS[name])
+        with atomic_dir(out[name]) as tmp, ShardWriter(tmp, max_samples=budget.per_shard) as writer:
+            for i in tqdm(range(counts[name]), desc=f"shards {name}", disable=not progress):
+                writer.write(make(rng), key=f"{name}-{i:07d}")
+    return out
+
+
+def _train_stage(stage: str, out: Path, overrides: list[str]) -> None:
+    """``kosmos-g train <stage> --config micro-<stage> ...`` (the project's own command, in-process)."""
+    from ..cli import main as cli_main
+
+    argv = ["train", stage, "--config", f"micro-{stage}", *overrides]
+    logger.info("kosmos-g %s", " ".join(argv))
+    code = cli_main(argv)
+    if code:
+        raise RuntimeError(f"`kosmos-g {' '.join(argv)}` failed (exit {code}); see the message above. "
+                           f"Re-running train-all resumes it from {out / stage}.")
+
+
+def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> list[str]:
+    sh = out / "shards"
+    common = [f"train.output_dir={out / stage}", f"log.progress={str(progress).lower()}"]
+    steps = {"stage1": budget.stage1_steps, "stage2": budget.stage2_steps, "stage3": budget.stage3_steps}[stage]
+    if steps is not None:
+        common += [f"train.max_steps={steps}", f"optim.warmup_steps={min(100, steps)}",
+                   f"checkpoint.every={steps}"]
+    if budget.stage_batch is not None:
+        common.append(f"data.batch_size={budget.stage_batch}")
+    if stage == "stage1":
+        return common + [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}",
+                         f"data.sources.0.shards={sh / 'stage1-caption'}",
+                         f"data.sources.1.shards={sh / 'stage1-text'}"]
+    if stage == "stage2":
+        return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'sd'}",
+                         f"data.sources.0.shards={sh / 'stage2-text'}"]
+    return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
+                     f"data.sources.0.shards={sh / 'stage3-caption'}",
+                     f"data.sources.1.shards={sh / 'stage3-edit'}",
+                     f"data.sources.2.shards={sh / 'stage3-compositional'}"]
+
+
+def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Write the shipped fp16 folders from a finished run: ``kosmos-g``, ``kosmos-g-stage2``,
+    ``sd`` (micro-SD) and ``clip`` (micro-CLIP, for the evaluation's CLIP-I/T analogues)."""
+    import torch
+    from transformers import CLIPModel
+
+    from ..models.kosmos_g import KosmosG
+    from ..processing import KosmosGProcessor
+    from .standins import load_micro_sd, save_micro_sd
+
+    out = Path(out)
+    dest = Path(dest) if dest is not None else out / "release"
+    with atomic_dir(dest) as tmp:
+        for name, src in (("kosmos-g", out / "stage3" / "final"), ("kosmos-g-stage2", out / "stage2" / "final")):
+            KosmosG.from_pretrained(src).save_pretrained(tmp / name, dtype=torch.float16)
+            KosmosGProcessor.from_pretrained(src).save_pretrained(tmp / name)
+        sd = load_micro_sd(out / "sd")
+        save_micro_sd(tmp / "sd", unet=sd.unet.half(), text_encoder=sd.text_encoder.half(),
+                      tokenizer=sd.tokenizer, scheduler=sd.scheduler)
+        CLIPModel.from_pretrained(out / "clip" / "clip").half().save_pretrained(tmp / "clip")
+        sd.tokenizer.save_pretrained(str(tmp / "clip"))
+    return dest
+
+
+def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
+              threads: int | None = None) -> dict[str, Any]:
+    """Run every step into ``out`` (see the module docstring); returns and writes
+    ``out/train_all.json`` with each step's wall seconds (0 for a step found done)."""
+    import torch
+
+    from ..tokenizer import FairseqTokenizer  # noqa: F401  (fail early if sentencepiece is missing)
+    from .standins import train_micro_clip, train_micro_sd
+    from .tokenizers import build_spm_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    budget = SMOKE if smoke else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "train_all.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record.update(budget=asdict(budget), smoke=smoke, threads=torch.get_num_threads())
+    timings = record.setdefault("seconds", {})
+
+    def step(name: str, done: Path, fn: Callable[[], Any]) -> None:
+        if done.exists():
+            logger.info("train-all: %s already done (%s)", name, done)
+            timings.setdefault(name, 0.0)
+            return
+        t0 = time.time()
+        fn()
+        timings[name] = round(time.time() - t0, 1)
+        record_path.write_text(json.dumps(record, indent=1))
+
+    step("tokenizer", out / "tokenizer", lambda: build_spm_tokenizer(out / "tokenizer"))
+    step("micro-clip", out / "clip", lambda: train_micro_clip(
+        out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, progress=progress))
+    step("micro-sd", out / "sd", lambda: train_micro_sd(
+        out / "sd", out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch, progress=progress))
+    step("shards", out / "shards" / "DONE", lambda: (write_shards(out / "shards", budget, progress=progress),
+                                                     (out / "shards" / "DONE").touch()))
+    for stage in ("stage1", "stage2", "stage3"):
+        step(stage, out / stage / "final", lambda s=stage: _train_stage(
+            s, out, _stage_overrides(s, out, budget, progress)))
+    step("release", out / "release", lambda: release(out))
+    record["total_s"] = round(sum(timings.values()), 1)
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+__all__ = ["Budget", "FULL", "SMOKE", "release", "train_all", "write_shards"]
