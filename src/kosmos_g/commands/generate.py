@@ -34,6 +34,8 @@ MICRO_CHECKPOINTS = PACKAGE_DIR / "micro" / "checkpoints"
 DEFAULT_MODEL = MICRO_CHECKPOINTS / "kosmos-g"
 DEFAULT_SD = MICRO_CHECKPOINTS / "sd"
 EXAMPLES_DIR = PACKAGE_DIR / "assets" / "examples"
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # SD1.5's usual settings
+MICRO_STEPS, MICRO_GUIDANCE = 20, 3.0  # what micro DreamBench is measured with (kosmos_g.micro.evaluate)
 RANDOM_TINY_VERSION = "random-tiny-v1"  # bump when make_tiny_* change, to rebuild caches
 SIDECAR_FORMAT = "kosmos-g-generate/1"
 
@@ -92,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--image", dest="images", action="append", default=[], metavar="IMG",
                    help="an image for the next '<i>' (repeat, in order)")
     src = p.add_argument_group("models")
-    src.add_argument("--model", help="Kosmos-G folder (default: the embedded micro model, once shipped)")
+    src.add_argument("--model", help="Kosmos-G folder (default: the embedded micro model)")
     src.add_argument("--sd", help="Stable Diffusion 1.5 diffusers folder (unet/, vae/, scheduler/)")
     src.add_argument("--random-tiny", action="store_true",
                      help="use a tiny model with RANDOM weights (output is noise): a smoke test")
@@ -101,8 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="an SD1.5 LoRA .safetensors file, optional scale (repeat for several)")
     gen = p.add_argument_group("sampling")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    gen.add_argument("--steps", type=int, default=None,
+                     help=f"denoising steps (default {DEFAULT_STEPS}; {MICRO_STEPS} with the embedded micro model)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help=f"classifier-free guidance (default {DEFAULT_GUIDANCE}; {MICRO_GUIDANCE} with the "
+                          "embedded micro model)")
     gen.add_argument("--seed", type=int, help="seed of the first image; image k uses seed+k (default: random)")
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     gen.add_argument("--batch-size", type=int, default=1,
@@ -182,6 +187,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validate the command line (before any model loads) into :class:`Settings`."""
     if args.prompt is None:
         raise ValueError("give a PROMPT (or --from-json SIDECAR).")
+    micro = not args.model and not args.random_tiny  # the embedded micro model: its own sampling defaults
+    if args.steps is None:
+        args.steps = MICRO_STEPS if micro else DEFAULT_STEPS
+    if args.guidance is None:
+        args.guidance = MICRO_GUIDANCE if micro else DEFAULT_GUIDANCE
     for name in ("steps", "num_images", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")

@@ -1,0 +1,134 @@
+"""`kosmos-g micro train-all --smoke`, the pixel-space paths it needs, and micro DreamBench's pieces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kosmos_g.cli import main as cli_main
+from kosmos_g.micro import evaluate as E
+from kosmos_g.micro import world
+from kosmos_g.micro.world import ObjectSpec, Scene
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro") / "run"
+    torch.set_num_threads(1)
+    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress"]) == 0
+    return out
+
+
+def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
+    record = json.loads((smoke_run / "train_all.json").read_text())
+    assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
+                                      "stage3", "release"}
+    for stage in ("stage1", "stage2", "stage3"):
+        summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
+        assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI
+        assert (smoke_run / stage / "logs").is_dir() or any((smoke_run / stage).iterdir())
+    release = smoke_run / "release"
+    assert {p.name for p in release.iterdir()} == {"kosmos-g", "kosmos-g-stage2", "sd", "clip"}
+    weights = release / "kosmos-g" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    # a second run finds every step done and retrains nothing
+    stamp = weights.stat().st_mtime_ns
+    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress"]) == 0
+    assert weights.stat().st_mtime_ns == stamp
+
+
+def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):
+    """Stage 3 on micro-SD (no vae/) trains on the target pixels themselves, in [-1, 1]."""
+    from accelerate import Accelerator
+
+    from kosmos_g.train.recipe import load_recipe
+    from kosmos_g.train.stage3 import Stage3, draw_pixel_noise
+
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    same, noise = draw_pixel_noise(x, [1, 2])
+    assert same is x and noise.shape == x.shape
+    assert torch.equal(noise[0], torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(1)))
+    overrides = [f"stage3.sd_path={smoke_run / 'sd'}", f"model.init={smoke_run / 'stage2' / 'final'}",
+                 f"stage3.latent_cache={smoke_run / 'cache'}",
+                 *[f"data.sources.{i}.shards={smoke_run / 'shards' / n}"
+                   for i, n in enumerate(("stage3-caption", "stage3-edit", "stage3-compositional"))]]
+    recipe = load_recipe("micro-stage3", overrides)
+    with pytest.raises(ValueError, match="pixel-space model"):
+        Stage3(recipe, Accelerator(cpu=True))
+
+
+def test_pixel_space_pipeline_generates_and_refuses_img2img(smoke_run):
+    from kosmos_g.pipeline import KosmosGPipeline
+
+    release = smoke_run / "release"
+    pipe = KosmosGPipeline.from_pretrained(release / "kosmos-g", release / "sd", dtype=torch.float32)
+    assert pipe.vae is None
+    pipe.set_progress_bar_config(disable=True)
+    image = world.subject_image(ObjectSpec("star", "red", "dotted", "large", "left"))
+    kw = dict(images=[image], num_inference_steps=2, guidance_scale=2.0)
+    raw = pipe("a large <i> on the left", output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
+    pt = pipe("a large <i> on the left", output_type="pt", generator=torch.Generator().manual_seed(0), **kw)
+    assert raw.images.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pt.images, ((raw.images.float() + 1) / 2).clamp(0, 1))
+    pil = pipe("a large <i> on the left", generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert pil.size == (32, 32)
+    with pytest.raises(ValueError, match="pixel space"):
+        pipe("a large <i>", image=image, **kw)
+
+
+def test_world_targets_render_natively_without_changing_the_sample():
+    a = world.compositional_sample(np.random.default_rng(5))
+    b = world.compositional_sample(np.random.default_rng(5), target_size=32)
+    assert a["json"] == b["json"] and b["tgt.png"].shape == (32, 32, 3) and a["e0_white.png"].shape == (64, 64, 3)
+    c = world.edit_sample(np.random.default_rng(6), target_size=32)
+    assert c["src.png"].shape == (64, 64, 3) and c["tgt.png"].shape == (32, 32, 3)
+
+
+# ---------------------------------------------------------------------------- micro DreamBench
+
+
+def test_dreambench_prompts_show_held_out_subjects_and_never_name_them():
+    names = set(world.SHAPES) | set(world.COLORS) | set(world.PATTERNS)
+    cases = E.single_cases(2) + E.two_cases(8)
+    assert len(cases) == 32 + 8
+    for case in cases:
+        assert case.prompt.count("<i>") == len(case.images) == len(case.target.objects)
+        words = case.prompt.replace(",", " ").replace(f"{case.target.background} background", "").split()
+        assert not names & set(words), case.prompt  # only the background may share a colour's name
+        assert all(o.subject in world.held_out_subjects() for o in case.target.objects)
+    assert {c.target.objects[0].subject for c in E.single_cases(1)} == set(world.held_out_subjects())
+
+
+def test_scores_are_perfect_on_real_renders_and_fail_on_wrong_ones():
+    for case in E.single_cases(1)[:4] + E.two_cases(2):
+        right = E.score_scene(case, world.render(case.target, 32).image)
+        assert right["subject"] == right["context"] == 1.0
+        obj = case.target.objects[0]
+        other = next(c for c in world.COLORS if c != obj.color)
+        wrong = Scene(case.target.background, (ObjectSpec(obj.shape, other, obj.pattern, obj.size, obj.position),
+                                               *case.target.objects[1:]))
+        scored = E.score_scene(case, world.render(wrong, 32).image)
+        assert scored["color"] < 1.0 and scored["subject"] < 1.0 and scored["shape"] == 1.0
+
+
+def test_edit_followed_checks_the_instruction():
+    for case in E.edit_cases(12):
+        assert E.score_scene(case, world.render(case.target, 32).image)["edit"] == 1.0
+        assert E.score_scene(case, world.render(case.source, 32).image)["edit"] == 0.0
+
+
+def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_path):
+    result = E.evaluate(smoke_run / "release", out_dir=tmp_path, quick=True, num_inference_steps=2,
+                        rows=["Kosmos-G", "real renders (oracle)"])
+    oracle = result["rows"]["real renders (oracle)"]
+    assert oracle["subject"] == oracle["context"] == oracle["edit"] == 1.0
+    assert set(result["rows"]["Kosmos-G"]) >= {"subject", "two", "edit", "clip_i", "clip_t", "dino"}
+    assert (tmp_path / "grid.png").is_file() and "| Kosmos-G |" in (tmp_path / "table.md").read_text()
+    with pytest.raises(FileNotFoundError, match="release folder"):
+        E.evaluate(tmp_path / "nowhere", quick=True)
