@@ -31,7 +31,7 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
         assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI
         assert (smoke_run / stage / "logs").is_dir() or any((smoke_run / stage).iterdir())
     release = smoke_run / "release"
-    assert {p.name for p in release.iterdir()} == {"kosmos-g", "kosmos-g-stage2", "sd", "clip"}
+    assert {p.name for p in release.iterdir()} == {"kosmos-g", "kosmos-g-stage2", "sd", "clip", "examples"}
     weights = release / "kosmos-g" / "model.safetensors"
     from safetensors import safe_open
 

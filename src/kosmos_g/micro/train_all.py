@@ -7,7 +7,8 @@
 5. ``stage1/``, ``stage2/``, ``stage3/``: micro Kosmos-G, trained ONLY by the project's own
    ``kosmos-g train stageN`` command on the packaged ``micro-stageN`` recipes;
 6. ``release/``: what the package ships (fp16): ``kosmos-g/`` (after stage 3),
-   ``kosmos-g-stage2/`` (the "before instruction tuning" baseline), ``sd/``, ``clip/``.
+   ``kosmos-g-stage2/`` (the "before instruction tuning" baseline), ``sd/``, ``clip/``,
+   ``examples/``.
 
 Every step writes its folder atomically and is skipped when the folder exists, so an
 interrupted run continues where it stopped (a stage in progress resumes from its last
@@ -152,9 +153,32 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
                      f"data.sources.2.shards={sh / 'stage3-compositional'}"]
 
 
+EXAMPLE_SUBJECTS = {  # held-out subjects: never a stage-3 subject, so generating them is zero-shot
+    "purple-dotted-star.png": world.ObjectSpec("star", "purple", "dotted", "large", "center"),
+    "pink-checkered-heart.png": world.ObjectSpec("heart", "pink", "checkered", "large", "center"),
+    "yellow-checkered-circle.png": world.ObjectSpec("circle", "yellow", "checkered", "large", "center"),
+}
+EXAMPLE_SCENE = world.Scene("beige", (world.ObjectSpec("square", "blue", "striped", "large", "left"),
+                                      world.ObjectSpec("triangle", "red", "solid", "small", "top right")))
+
+
+def write_examples(dest: str | os.PathLike) -> Path:
+    """The example prompt images shipped with the model: three held-out subjects
+    (background-whitened, as prompts show subjects) and a scene to edit (``scene.png``)."""
+    from PIL import Image
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, obj in EXAMPLE_SUBJECTS.items():
+        Image.fromarray(world.subject_image(obj)).save(dest / name)
+    Image.fromarray(world.render(EXAMPLE_SCENE).image).save(dest / "scene.png")
+    return dest
+
+
 def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
     """Write the shipped fp16 folders from a finished run: ``kosmos-g``, ``kosmos-g-stage2``,
-    ``sd`` (micro-SD) and ``clip`` (micro-CLIP, for the evaluation's CLIP-I/T analogues)."""
+    ``sd`` (micro-SD), ``clip`` (micro-CLIP, for the evaluation's CLIP-I/T analogues) and
+    ``examples`` (prompt images)."""
     import torch
     from transformers import CLIPModel
 
@@ -173,6 +197,7 @@ def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Pa
                       tokenizer=sd.tokenizer, scheduler=sd.scheduler)
         CLIPModel.from_pretrained(out / "clip" / "clip").half().save_pretrained(tmp / "clip")
         sd.tokenizer.save_pretrained(str(tmp / "clip"))
+        write_examples(tmp / "examples")
     return dest
 
 
