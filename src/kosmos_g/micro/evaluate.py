@@ -52,6 +52,11 @@ from .world import ObjectSpec, Scene
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 EDIT_SEED = EVAL_SEED + 1
+QUICK_THRESHOLDS = {"clip_i": 0.65, "clip_t": 0.65}
+"""What CI requires of the shipped model on the quick set (``tests/test_micro_shipped.py``):
+the micro CLIP-I/CLIP-T analogues, where the shipped model measures ~0.73 and the
+text-only baseline (which never sees the subject) ~0.56. Attribute-accuracy thresholds
+(the issue's 70%) are not set: the shipped model does not reach them (docs/micro-world.md)."""
 CHANCE = {"subject": 1 / 256, "shape": 1 / 8, "color": 1 / 8, "pattern": 1 / 4, "context": 1 / 72}
 
 

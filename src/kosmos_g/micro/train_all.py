@@ -44,6 +44,9 @@ class Budget:
     clip_batch: int = 64
     sd_steps: int = 1500
     sd_batch: int = 32
+    sd_continue_steps: int = 0
+    """A second micro-SD run continuing from the first's U-Net (lr 5e-4, fresh EMA, seed 1);
+    0: none. With it the first run is kept in ``sd-phase1/``."""
     stage1_steps: int | None = None
     """None: the ``micro-stage1`` recipe's ``train.max_steps`` (likewise for stages 2 and 3)."""
     stage2_steps: int | None = None
@@ -201,14 +204,27 @@ def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Pa
     return dest
 
 
-def _train_sd_process(out: str, steps: int, batch_size: int, progress: bool) -> None:
+def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True) -> Path:
+    """micro-SD into ``out/sd``: one run, or two when ``budget.sd_continue_steps`` (the first
+    in ``out/sd-phase1``); each run is skipped when its folder exists."""
+    from .standins import train_micro_sd
+
+    out = Path(out)
+    first = out / ("sd-phase1" if budget.sd_continue_steps else "sd")
+    if not first.exists():
+        train_micro_sd(first, out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch, progress=progress)
+    if budget.sd_continue_steps and not (out / "sd").exists():
+        train_micro_sd(out / "sd", out / "clip", steps=budget.sd_continue_steps, batch_size=budget.sd_batch,
+                       lr=5e-4, warmup=50, seed=1, resume_unet=first / "unet", progress=progress)
+    return out / "sd"
+
+
+def _train_sd_process(out: str, budget: Budget, progress: bool) -> None:
     """micro-SD on one thread, in a child process (runs beside stages 1 and 2)."""
     import torch
 
-    from .standins import train_micro_sd
-
     torch.set_num_threads(1)
-    train_micro_sd(Path(out) / "sd", Path(out) / "clip", steps=steps, batch_size=batch_size, progress=progress)
+    train_sd(out, budget, progress)
 
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
@@ -228,7 +244,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     import torch
 
     from ..tokenizer import FairseqTokenizer  # noqa: F401  (fail early if sentencepiece is missing)
-    from .standins import train_micro_clip, train_micro_sd
+    from .standins import train_micro_clip
     from .tokenizers import build_spm_tokenizer
 
     started = time.time()
@@ -259,12 +275,11 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     sd_start = time.time()
     if threads >= 2 and not smoke and not (out / "sd").exists():
         sd_job = multiprocessing.get_context("spawn").Process(
-            target=_train_sd_process, args=(str(out), budget.sd_steps, budget.sd_batch, progress), name="micro-sd")
+            target=_train_sd_process, args=(str(out), budget, progress), name="micro-sd")
         sd_job.start()
         torch.set_num_threads(1)
     else:
-        step("micro-sd", out / "sd", lambda: train_micro_sd(
-            out / "sd", out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch, progress=progress))
+        step("micro-sd", out / "sd", lambda: train_sd(out, budget, progress))
     try:
         step("shards", out / "shards" / "DONE", lambda: (write_shards(out / "shards", budget, progress=progress),
                                                          (out / "shards" / "DONE").touch()))
