@@ -236,8 +236,9 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     child process on one thread while stages 1 and 2 (which do not need it) run here on
     another: on a 2-core laptop two one-thread jobs do nearly twice the work of one
     two-thread job (small convolutions and matmuls scale poorly across threads). The
-    shipped models were trained with this schedule: micro-CLIP and stage 3 on 2 threads,
-    micro-SD, stages 1 and 2 on 1 each (float results depend slightly on thread counts).
+    shipped models were trained with this schedule, micro-CLIP on 2 threads, micro-SD and
+    stages 1 and 2 on 1 each, but stage 3 on 1 thread (``--threads 1`` after the rest):
+    float results depend slightly on thread counts.
     """
     import multiprocessing
 
@@ -273,7 +274,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
         out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, progress=progress))
     sd_job = None
     sd_start = time.time()
-    if threads >= 2 and not smoke and not (out / "sd").exists():
+    if threads >= 2 and not (out / "sd").exists():
         sd_job = multiprocessing.get_context("spawn").Process(
             target=_train_sd_process, args=(str(out), budget, progress), name="micro-sd")
         sd_job.start()
