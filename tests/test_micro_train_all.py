@@ -135,3 +135,16 @@ def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_pa
     assert (tmp_path / "grid.png").is_file() and "| Kosmos-G |" in (tmp_path / "table.md").read_text()
     with pytest.raises(FileNotFoundError, match="release folder"):
         E.evaluate(tmp_path / "nowhere", quick=True)
+
+
+def test_micro_eval_command_prints_the_table_and_writes_files(smoke_run, tmp_path, capsys):
+    code = cli_main(["micro", "eval", "--models", str(smoke_run / "release"), "--quick", "--steps", "1",
+                     "--out", str(tmp_path / "ev")])
+    assert code == 0
+    out = capsys.readouterr().out
+    for row in ("| Kosmos-G |", "| Kosmos-G, stage 2 only |", "| micro-SD, context words only |",
+                "| real renders (oracle) |"):
+        assert row in out
+    table = json.loads((tmp_path / "ev" / "table.json").read_text())
+    assert table["settings"]["cases"] == {"single": 16, "two": 8, "edit": 16}
+    assert (tmp_path / "ev" / "grid.png").is_file()
