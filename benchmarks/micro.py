@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = Path(args.models) if args.models else E.embedded_models()
-    one = E.time_one_image(models, args.steps, E.DEFAULT_GUIDANCE, repeats=args.repeats)
     gen = E.KosmosGGenerator(models / "kosmos-g", models / "sd", steps=args.steps, guidance=E.DEFAULT_GUIDANCE)
+    one = E.time_one_image(gen, repeats=args.repeats)
     cases = E.single_cases(1)
     gen(cases[:2], [0, 1])  # warm-up at batch size > 1
     t0 = time.perf_counter()

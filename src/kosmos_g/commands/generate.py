@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import micro
 from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-MICRO_CHECKPOINTS = PACKAGE_DIR / "micro" / "checkpoints"
-DEFAULT_MODEL = MICRO_CHECKPOINTS / "kosmos-g"
-DEFAULT_SD = MICRO_CHECKPOINTS / "sd"
+DEFAULT_MODEL = micro.CHECKPOINTS / "kosmos-g"
+DEFAULT_SD = micro.CHECKPOINTS / "sd"
 EXAMPLES_DIR = PACKAGE_DIR / "assets" / "examples"
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # SD1.5's usual settings
-MICRO_STEPS, MICRO_GUIDANCE = 20, 3.0  # what micro DreamBench is measured with (kosmos_g.micro.evaluate)
+MICRO_STEPS, MICRO_GUIDANCE = micro.SAMPLING_STEPS, micro.SAMPLING_GUIDANCE
 RANDOM_TINY_VERSION = "random-tiny-v1"  # bump when make_tiny_* change, to rebuild caches
 SIDECAR_FORMAT = "kosmos-g-generate/1"
 

@@ -38,19 +38,18 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from . import world
+from . import CHECKPOINTS, SAMPLING_GUIDANCE, SAMPLING_STEPS, world
 from .standins import EVAL_SEED, SD_SIZE, images_to_clip_pixels, read_scene
 from .world import ObjectSpec, Scene
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_STEPS = SAMPLING_STEPS
+DEFAULT_GUIDANCE = SAMPLING_GUIDANCE
 EDIT_SEED = EVAL_SEED + 1
 QUICK_THRESHOLDS = {"clip_i": 0.65, "clip_t": 0.65}
 """What CI requires of the shipped model on the quick set (``tests/test_micro_shipped.py``):
@@ -63,7 +62,7 @@ CHANCE = {  # of a uniformly random answer: 8 shapes, 8 colours, 4 patterns; 8 b
 
 def embedded_models() -> Path:
     """The folder of the shipped micro models (``kosmos-g/``, ``kosmos-g-stage2/``, ``sd/``, ``clip/``)."""
-    return Path(str(resources.files("kosmos_g") / "micro" / "checkpoints"))
+    return CHECKPOINTS
 
 
 # ============================================================================ prompt sets
@@ -318,8 +317,11 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     scorer = ClipScorer(models / "clip")
     table: dict[str, dict[str, float]] = {}
     grid: dict[str, dict[str, np.ndarray]] = {}
+    timer = None
     for name, make in generators.items():
         generate = make()
+        if name == "Kosmos-G":
+            timer = generate
         row: dict[str, float] = {}
         grid[name] = {}
         t0 = time.time()
@@ -348,8 +350,8 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
         "quick": quick, "samples": samples, "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "threads": torch.get_num_threads(),
         "cases": {k: len(v) for k, v in sets.items()}, "models": str(models)}}
-    if "Kosmos-G" in generators:
-        result["single_image_s"] = time_one_image(models, num_inference_steps, guidance_scale)
+    if timer is not None:
+        result["single_image_s"] = time_one_image(timer)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -359,16 +361,14 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     return result
 
 
-def time_one_image(models: Path, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                   repeats: int = 3) -> float:
+def time_one_image(generate: "KosmosGGenerator", repeats: int = 3) -> float:
     """Median wall seconds for ONE image (prompt encoding included) at the current thread count."""
-    gen = KosmosGGenerator(models / "kosmos-g", models / "sd", steps=steps, guidance=guidance)
     case = single_cases(1)[0]
-    gen([case], [0])  # warm-up
+    generate([case], [0])  # warm-up
     times = []
     for k in range(repeats):
         t0 = time.perf_counter()
-        gen([case], [k])
+        generate([case], [k])
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
