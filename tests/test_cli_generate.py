@@ -188,3 +188,12 @@ def test_help_lists_the_options(capsys):
     for flag in ["--model", "--sd", "--random-tiny", "--controlnet", "--control-image", "--lora", "--from-json",
                  "--grid", "--size", "--scheduler", "--negative", "--dtype", "--device"]:
         assert flag in text
+
+
+def test_help_imports_no_heavy_library():
+    """`kosmos-g --help` builds every subcommand's parser without torch, diffusers or transformers."""
+    code = ("import sys; from kosmos_g.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

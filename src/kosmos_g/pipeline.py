@@ -49,34 +49,15 @@ import torch
 
 from .models import KosmosG, resolve_dtype
 from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
 
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- schedulers
 
-# name -> diffusers class name. DPM-Solver++ (2M) is the official sampler.
-SCHEDULERS = {
-    "dpm++": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-_SCHEDULER_ALIASES = {"pnpm": "pndm", "dpm": "dpm++", "dpmsolver++": "dpm++", "dpm-solver++": "dpm++",
-                      "euler_a": "euler-a", "euler-ancestral": "euler-a"}
-DEFAULT_SCHEDULER = "dpm++"
 # From SD1.5's scheduler_config.json.
 _SD15_SCHEDULER_OPTIONS = {"skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False,
                            "steps_offset": 1}
-
-
-def scheduler_name(name: str) -> str:
-    """Canonical scheduler name (``"pnpm"`` -> ``"pndm"``); ``ValueError`` for unknown names."""
-    key = _SCHEDULER_ALIASES.get(name.lower(), name.lower())
-    if key not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}.")
-    return key
 
 
 def make_scheduler(scheduler: str | Any, config: dict[str, Any]):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import micro
-from ..pipeline import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
+from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = micro.CHECKPOINTS / "kosmos-g"
