@@ -27,6 +27,8 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
     record = json.loads((smoke_run / "train_all.json").read_text())
     if (os.cpu_count() or 1) >= 2:  # micro-SD trained in a child process beside stages 1-2
         assert record["micro_sd_parallel_with_stages_1_2"] is True
+        # stages 1-2 on one thread beside it, stage 3 as 2 data-parallel processes (accelerate launch)
+        assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
     assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
                                       "stage3", "release"}
     for stage in ("stage1", "stage2", "stage3"):
