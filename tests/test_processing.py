@@ -98,6 +98,14 @@ def test_list_prompt_with_placeholder_is_rejected(proc):
         proc(["<i> on the beach", RED])
 
 
+def test_literal_text_keeps_a_placeholder_as_text(proc):
+    text = "the <i>Mona Lisa</i> by"
+    item = proc.encode_prompt([text, RED], literal_text=True)
+    n = proc.num_image_tokens
+    assert item.input_ids[:-(n + 2)] == [proc.tokenizer.bos_id, *proc.tokenizer.encode(text)]
+    assert sum(item.image_mask) == n and len(item.pixel_values) == 1  # one image, the real one
+
+
 def test_batch_image_lists_must_match(proc):
     with pytest.raises(ValueError, match="2 prompts but 1 image lists"):
         proc(["<i>", "<i>"], images=[[RED]])

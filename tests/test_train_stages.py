@@ -288,6 +288,21 @@ def test_training_skips_and_counts_bad_samples(world, tmp_path, capsys):
     assert int(read_csv(tmp_path / "run")[-1]["bad_samples"]) == summary["data"]["bad"]
 
 
+def test_stage3_keeps_a_literal_placeholder_in_captions_as_text(world, tmp_path, capsys):
+    """Web captions may hold HTML italics ("<i>"); in training data that is text, not a
+    forgotten image placeholder, so such samples train instead of being skipped as bad."""
+    italics = tmp_path / "italics"
+    image = np.full((64, 64, 3), 200, np.uint8)
+    with ShardWriter(italics, max_samples=100) as w:
+        for i in range(4):
+            w.write({"json": {"kind": "caption", "caption": "the <i>Mona Lisa</i> by a window"}, "png": image},
+                    key=f"italics{i}")
+    summary = run_cli(cli_args(world, "stage3", tmp_path / "run", f"data.sources.0.shards={italics}",
+                               "train.max_steps=2"), capsys)
+    assert summary["step"] == 2
+    assert summary["data"] == {"bad": 0, "filtered": 0}
+
+
 def test_stage2_filters_long_captions(world, tmp_path, capsys):
     long_caps = tmp_path / "long"
     with ShardWriter(long_caps, max_samples=100) as w:

@@ -102,8 +102,13 @@ def preprocess_image(image: Image.Image, size: int, mean: Sequence[float] = CLIP
 
 # ----------------------------------------------------------------------------- prompts
 
-def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None) -> list[Segment]:
+def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
+                 literal_text: bool = False) -> list[Segment]:
     """Normalise either prompt form to an ordered list of text and image segments.
+
+    A list prompt places its images itself, so a ``<i>`` inside one of its strings is
+    most likely a forgotten placeholder and raises; with ``literal_text=True`` (training
+    data, whose captions may hold HTML italics) such text is kept as plain text.
 
     Example:
         >>> split_prompt("<i> wearing <i>", ["dog.png", "hat.png"])
@@ -126,10 +131,10 @@ def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None) -> l
         raise ValueError("Pass images either inside the list prompt or as `images=`, not both.")
     segments = list(prompt)
     for seg in segments:
-        if isinstance(seg, str) and PLACEHOLDER in seg:
+        if not literal_text and isinstance(seg, str) and PLACEHOLDER in seg:
             raise ValueError(
                 f"List prompts place images directly; found '{PLACEHOLDER}' in {seg!r}. "
-                "Replace it with the image itself."
+                "Replace it with the image itself (or pass literal_text=True to keep it as text)."
             )
     return segments
 
@@ -177,8 +182,11 @@ class KosmosGProcessor:
                    image_std=config.image_std)
 
     # ------------------------------------------------------------------ one prompt
-    def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] | None = None) -> ProcessedPrompt:
-        segments = split_prompt(prompt, images)
+    def encode_prompt(self, prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
+                      literal_text: bool = False) -> ProcessedPrompt:
+        """Token ids, slot mask and preprocessed images of one prompt (see :func:`split_prompt`
+        for ``literal_text``)."""
+        segments = split_prompt(prompt, images, literal_text=literal_text)
         n_images = sum(not isinstance(s, str) for s in segments)
         if n_images > self.max_images:
             raise ValueError(f"Prompt has {n_images} images; at most {self.max_images} are supported.")

@@ -126,7 +126,8 @@ class Stage3Builder:
             segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
                                               white_prob=self.white_crop_prob,
                                               max_images=self.processor.max_images)
-        example["prompt"] = self.processor.encode_prompt(segments)
+        # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
+        example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
         if cached is not None:
             example["latent_params"] = cached
