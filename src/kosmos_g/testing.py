@@ -64,19 +64,6 @@ def make_tiny_kosmos_g(path: str | os.PathLike, config: KosmosGConfig | None = N
     return model, KosmosGProcessor.from_pretrained(path)
 
 
-def _byte_unicode() -> list[str]:
-    # The printable stand-ins CLIP's byte-level BPE uses for the 256 byte values.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def make_tiny_clip_tokenizer(path: str | os.PathLike):
     """A character-level ``CLIPTokenizer`` (no merges) written to ``path``."""
     import json
@@ -85,7 +72,9 @@ def make_tiny_clip_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    chars = _byte_unicode()
+    from .micro.tokenizers import byte_unicode
+
+    chars = byte_unicode()
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

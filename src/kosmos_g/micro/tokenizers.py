@@ -129,7 +129,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- CLIP (BPE)
 
 
-def _byte_unicode() -> list[str]:
+def byte_unicode() -> list[str]:
     """The printable characters CLIP's byte-level BPE uses for the 256 byte values, in
     byte order (OpenAI's ``bytes_to_unicode``)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
@@ -174,7 +174,7 @@ def clip_vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int
     earlier ones, so it can never change how an earlier word is merged.
     """
     words = world_words() if words is None else words
-    chars = _byte_unicode()
+    chars = byte_unicode()
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
