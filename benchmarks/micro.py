@@ -4,7 +4,8 @@
     python benchmarks/micro.py --threads 1 --repeats 3
 
 One image = the whole call of ``KosmosGPipeline`` (prompt and subject image encoded,
-20 DPM-Solver++ steps with classifier-free guidance, output as pixels), batch 1, after
+``kosmos_g.micro.SAMPLING_STEPS`` (14) DPM-Solver++ steps with classifier-free guidance,
+output as pixels), batch 1, after
 one warm-up call; the median of ``--repeats`` runs is reported, with the batch-16
 throughput micro DreamBench sees.
 """

@@ -9,6 +9,6 @@ from pathlib import Path
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 """The shipped micro models: ``kosmos-g/``, ``kosmos-g-stage2/``, ``sd/``, ``clip/``, ``examples/``."""
-SAMPLING_STEPS = 20
+SAMPLING_STEPS = 14
 SAMPLING_GUIDANCE = 3.0
 """How the micro model samples by default (and how micro DreamBench is measured)."""
