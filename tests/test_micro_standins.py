@@ -221,6 +221,19 @@ def test_micro_sd_folder_loads_and_generates(sd_dir):
     assert out.shape == (1, 3, S.SD_SIZE, S.SD_SIZE)
 
 
+def test_resaved_micro_sd_keeps_no_local_path(tmp_path, sd_dir):
+    # a folder loaded from disk and saved again (as release() does) must not carry the
+    # local path it was loaded from into the shipped config
+    loaded = S.load_micro_sd(sd_dir)
+    assert str(loaded.unet.config._name_or_path) == str(sd_dir / "unet")
+    S.save_micro_sd(tmp_path / "copy", unet=loaded.unet, text_encoder=loaded.text_encoder,
+                    tokenizer=loaded.tokenizer, scheduler=loaded.scheduler)
+    config = json.loads((tmp_path / "copy" / "unet" / "config.json").read_text())
+    assert "_name_or_path" not in config and config["sample_size"] == S.SD_SIZE
+    again = S.load_micro_sd(tmp_path / "copy")
+    assert again.unet.config.sample_size == loaded.unet.config.sample_size
+
+
 def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
     with pytest.raises(ValueError, match="prediction_type"):
         S.train_micro_sd(tmp_path / "sd", clip_dir, prediction_type="x0", smoke=True, progress=False)

@@ -721,6 +721,9 @@ def save_micro_sd(path: str | os.PathLike, *, unet, text_encoder, tokenizer, sch
     """Write the SD1.5 folder layout without ``vae/`` (``model_index.json`` says ``vae: null``)."""
     path = Path(path)
     unet.save_pretrained(path / "unet")
+    config = json.loads((path / "unet" / "config.json").read_text())
+    if config.pop("_name_or_path", None) is not None:  # where it was loaded from: a local path, not for shipping
+        (path / "unet" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     text_encoder.save_pretrained(path / "text_encoder")
     tokenizer.save_pretrained(str(path / "tokenizer"))
     scheduler.save_pretrained(path / "scheduler")
