@@ -247,3 +247,22 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+def test_micro_sd_trains_and_draws_at_another_resolution(tmp_path, clip_dir, sd_dir):
+    from kosmos_g.micro import evaluate as E
+
+    sd64 = S.train_micro_sd(tmp_path / "sd64", clip_dir, smoke=True, progress=False, resolution=64)
+    assert E.sd_resolution(sd64) == 64 and E.sd_resolution(sd_dir) == S.SD_SIZE
+    assert json.loads((sd64 / "train_log.json").read_text())["recipe"]["resolution"] == 64
+    images = S.generate_micro_sd(sd64, ["a large red solid star in the center, on a gray background"],
+                                 num_inference_steps=2)
+    assert images.shape == (1, 64, 64, 3)
+    case = E.single_cases(1)[0]
+    assert E.oracle([case], [0], size=64).shape == (1, 64, 64, 3)
+    assert S.read_scene(E.oracle([case], [0], size=64)[0]) == S.read_scene(E.oracle([case], [0])[0])
+    with pytest.raises(ValueError, match="resolution=50 must be >= 16 and divisible by 4"):
+        S.train_micro_sd(tmp_path / "bad", clip_dir, smoke=True, progress=False, resolution=50)
+    with pytest.raises(ValueError, match="trained at 32 px"):
+        S.train_micro_sd(tmp_path / "bad", clip_dir, smoke=True, progress=False, resolution=64,
+                         resume_unet=sd_dir / "unet")

@@ -34,6 +34,7 @@ subject is NAMED: an upper reference), and the real renders (the oracle).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -265,9 +266,14 @@ class TextSDGenerator:
                                for c, s in zip(cases, seeds)])
 
 
-def oracle(cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
-    """The real renders of the asked-for scenes."""
-    return np.stack([world.render(c.target, SD_SIZE).image for c in cases])
+def oracle(cases: Sequence[Case], seeds: Sequence[int], size: int = SD_SIZE) -> np.ndarray:
+    """The real renders of the asked-for scenes, at ``size`` (micro-SD's resolution)."""
+    return np.stack([world.render(c.target, size).image for c in cases])
+
+
+def sd_resolution(sd_dir: str | os.PathLike) -> int:
+    """The resolution a micro-SD folder draws at (its U-Net's ``sample_size``)."""
+    return int(json.loads((Path(sd_dir) / "unet" / "config.json").read_text())["sample_size"])
 
 
 # ============================================================================ the evaluation
@@ -307,7 +313,7 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
                                                                steps=num_inference_steps, guidance=guidance_scale),
         "micro-SD, subject named (reference)": lambda: TextSDGenerator(
             models / "sd", field="full_caption", steps=num_inference_steps, guidance=guidance_scale),
-        "real renders (oracle)": lambda: oracle,
+        "real renders (oracle)": lambda: functools.partial(oracle, size=sd_resolution(models / "sd")),
     }
     if not (models / "kosmos-g-stage2").is_dir():
         generators.pop("Kosmos-G, stage 2 only")

@@ -614,8 +614,10 @@ def train_micro_sd(
     progress: bool = True,
     log_every: int = 50,
     resume_unet: str | os.PathLike | None = None,
+    resolution: int = SD_SIZE,
 ) -> Path:
-    """Train micro-SD text-to-image in pixel space at :data:`SD_SIZE`: a U-Net conditioned on
+    """Train micro-SD text-to-image in pixel space at ``resolution`` (default
+    :data:`SD_SIZE`): a U-Net conditioned on
     the FROZEN micro-CLIP text encoder's ``last_hidden_state`` (as SD is), on full captions,
     with ``caption_dropout`` of them empty (the unconditional prompt of classifier-free
     guidance). Pixels of objects weigh ``object_weight`` times background pixels in the
@@ -648,6 +650,10 @@ def train_micro_sd(
         steps, batch_size, sizes, warmup = min(steps, 4), min(batch_size, 4), sizes or SMOKE_UNET, 1
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    levels = len((sizes or MicroUNetSizes()).block_out_channels)
+    if resolution < 16 or resolution % 2 ** (levels - 1):
+        raise ValueError(f"resolution={resolution} must be >= 16 and divisible by {2 ** (levels - 1)} "
+                         f"(the U-Net halves it {levels - 1} times); e.g. 32 or 64")
     clip_dir, out_dir = Path(clip_dir), Path(out_dir)
     for p in (clip_dir / "text_encoder", clip_dir / "tokenizer"):
         if not p.is_dir():
@@ -661,8 +667,11 @@ def train_micro_sd(
     rng = np.random.default_rng(seed)
     if resume_unet is not None:
         unet = UNet2DConditionModel.from_pretrained(resume_unet)
+        if unet.config.sample_size != resolution:
+            raise ValueError(f"resume_unet={resume_unet} was trained at {unet.config.sample_size} px, "
+                             f"not resolution={resolution}; pass resolution={unet.config.sample_size}")
     else:
-        unet = micro_unet(sizes, cross_attention_dim=text_encoder.config.hidden_size)
+        unet = micro_unet(sizes, cross_attention_dim=text_encoder.config.hidden_size, sample_size=resolution)
     unet.train()
     logger.info("micro-SD: training %d U-Net parameters; text encoder frozen",
                 sum(p.numel() for p in unet.parameters()))
@@ -673,13 +682,13 @@ def train_micro_sd(
     bar = tqdm(range(steps), desc="micro-SD", disable=not progress)
     t0 = time.time()
     for step in bar:
-        scenes, images, masks = _scenes_and_images(rng, batch_size, SD_SIZE)
-        weight = 1.0 + (object_weight - 1.0) * torch.from_numpy(masks).float()[:, None]  # (B, 1, 32, 32)
+        scenes, images, masks = _scenes_and_images(rng, batch_size, resolution)
+        weight = 1.0 + (object_weight - 1.0) * torch.from_numpy(masks).float()[:, None]  # (B, 1, S, S)
         weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
         captions = ["" if rng.random() < caption_dropout else s.caption(rng) for s in scenes]
         with torch.no_grad():
             cond = encode_captions(text_encoder, tokenizer, captions)  # (B, L, D)
-        x0 = images_to_sd_pixels(images)  # (B, 3, 32, 32)
+        x0 = images_to_sd_pixels(images)  # (B, 3, S, S)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
         noisy = noise_sched.add_noise(x0, noise, t)
@@ -711,7 +720,7 @@ def train_micro_sd(
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
                       prediction_type=prediction_type, snr_gamma=snr_gamma, object_weight=object_weight,
                       ema_decay=ema_decay, seed=seed,
-                      resolution=SD_SIZE, sizes=asdict(sizes or MicroUNetSizes()),
+                      resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()),
                       parameters=sum(p.numel() for p in unet.parameters()))
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir

@@ -44,6 +44,8 @@ class Budget:
     clip_batch: int = 64
     sd_steps: int = 1500
     sd_batch: int = 32
+    sd_resolution: int = 32
+    """micro-SD's resolution (= :data:`.standins.SD_SIZE`); stage-3 targets are rendered at it."""
     sd_continue_steps: int = 0
     """A second micro-SD run continuing from the first's U-Net (lr 5e-4, fresh EMA, seed 1);
     0: none. With it the first run is kept in ``sd-phase1/``."""
@@ -104,14 +106,13 @@ def write_shards(root: str | os.PathLike, budget: Budget = FULL, *, progress: bo
     from tqdm.auto import tqdm
 
     from ..data.shards import ShardWriter
-    from .standins import SD_SIZE
 
     counts = {"stage1-caption": budget.stage1_captions, "stage1-text": budget.stage1_texts,
               "stage2-text": budget.stage2_texts, "stage3-caption": budget.stage3_captions,
               "stage3-edit": budget.stage3_edits, "stage3-compositional": budget.stage3_compositional}
     root = Path(root)
     out = {}
-    for name, make in shard_makers(SD_SIZE).items():
+    for name, make in shard_makers(budget.sd_resolution).items():
         out[name] = root / name
         if out[name].is_dir():
             continue
@@ -201,6 +202,7 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
         return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}",
                          f"data.sources.0.shards={sh / 'stage2-text'}"]
     return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
+                     f"stage3.resolution={budget.sd_resolution}",
                      f"data.sources.0.shards={sh / 'stage3-caption'}",
                      f"data.sources.1.shards={sh / 'stage3-edit'}",
                      f"data.sources.2.shards={sh / 'stage3-compositional'}"]
@@ -262,10 +264,12 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True) -> P
     out = Path(out)
     first = out / ("sd-phase1" if budget.sd_continue_steps else "sd")
     if not first.exists():
-        train_micro_sd(first, out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch, progress=progress)
+        train_micro_sd(first, out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch,
+                       resolution=budget.sd_resolution, progress=progress)
     if budget.sd_continue_steps and not (out / "sd").exists():
         train_micro_sd(out / "sd", out / "clip", steps=budget.sd_continue_steps, batch_size=budget.sd_batch,
-                       lr=5e-4, warmup=50, seed=1, resume_unet=first / "unet", progress=progress)
+                       lr=5e-4, warmup=50, seed=1, resume_unet=first / "unet", resolution=budget.sd_resolution,
+                       progress=progress)
     return out / "sd"
 
 
