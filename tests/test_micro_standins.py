@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -83,6 +84,20 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
             (tmp / "half.txt").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_output_has_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with T.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "weights.bin").write_bytes(b"x")
+            os.chmod(tmp / "sub" / "weights.bin", 0o600)  # as some writers leave files
+    finally:
+        os.umask(umask)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "out") == mode(tmp_path / "out" / "sub") == 0o755
+    assert mode(tmp_path / "out" / "sub" / "weights.bin") == 0o644
 
 
 # ---------------------------------------------------------------------------- scene reading

@@ -96,6 +96,18 @@ def world_text(seed: int, n: int) -> list[str]:
     return lines
 
 
+def _public_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir``/``open`` would have
+    (``mkdtemp`` makes 0700 folders and some writers 0600 files, which would lock other
+    users out of a shared model folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces ``out_dir``
@@ -114,6 +126,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        _public_modes(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
