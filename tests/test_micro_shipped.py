@@ -24,11 +24,13 @@ MODELS = E.embedded_models()
 def test_the_package_ships_the_micro_models_in_fp16_within_25_mb():
     from safetensors import safe_open
 
-    for sub in ("kosmos-g", "kosmos-g-stage2", "sd", "clip", "examples"):
+    for sub in ("kosmos-g", "kosmos-g-stage2", "sd", "clip", "examples", "reader"):
         assert (MODELS / sub).is_dir(), f"{MODELS / sub} is missing from the package"
     files = [p for p in MODELS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     for path in MODELS.rglob("*.safetensors"):
+        if path.parent.name == "reader":  # the evaluation's attribute reader (0.8 MB) stays fp32
+            continue
         with safe_open(str(path), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
 

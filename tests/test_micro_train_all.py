@@ -110,22 +110,29 @@ def test_dreambench_prompts_show_held_out_subjects_and_never_name_them():
     assert {c.target.objects[0].subject for c in E.single_cases(1)} == set(world.held_out_subjects())
 
 
+def _read(scene: Scene) -> Scene:
+    """What the shipped attribute reader sees in the render of ``scene``."""
+    from kosmos_g.micro.reader import load_reader, read_scenes
+
+    return read_scenes(load_reader(), world.render(scene, 32).image[None])[0]
+
+
 def test_scores_are_perfect_on_real_renders_and_fail_on_wrong_ones():
     for case in E.single_cases(1)[:4] + E.two_cases(2):
-        right = E.score_scene(case, world.render(case.target, 32).image)
+        right = E.score_scene(case, _read(case.target))
         assert right["subject"] == right["context"] == 1.0
         obj = case.target.objects[0]
         other = next(c for c in world.COLORS if c != obj.color)
         wrong = Scene(case.target.background, (ObjectSpec(obj.shape, other, obj.pattern, obj.size, obj.position),
                                                *case.target.objects[1:]))
-        scored = E.score_scene(case, world.render(wrong, 32).image)
+        scored = E.score_scene(case, _read(wrong))
         assert scored["color"] < 1.0 and scored["subject"] < 1.0 and scored["shape"] == 1.0
 
 
 def test_edit_followed_checks_the_instruction():
     for case in E.edit_cases(12):
-        assert E.score_scene(case, world.render(case.target, 32).image)["edit"] == 1.0
-        assert E.score_scene(case, world.render(case.source, 32).image)["edit"] == 0.0
+        assert E.score_scene(case, _read(case.target))["edit"] == 1.0
+        assert E.score_scene(case, _read(case.source))["edit"] == 0.0
 
 
 def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_path):

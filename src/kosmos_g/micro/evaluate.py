@@ -11,10 +11,11 @@ Three prompt sets, all built from the world with a fixed seed:
   right, on a pink background"``.
 * **edit**: a rendered scene and an instruction, ``"<i>make the circle blue"``.
 
-Scoring reads each generated image back with :func:`.standins.read_scene`, which
-matches every grid cell against the renderer's own pictures of all 512 (shape, colour,
-pattern, size) objects: a nearest-neighbour attribute classifier whose training set is
-the renderer's ground truth, exact on real renders. Columns:
+Scoring reads each generated image back with the learned attribute reader
+(:mod:`.reader`: a small CNN trained only on the renderer's ground truth, exact on
+renders and robust to the pixel shifts and soft edges of generated images; the shipped
+one by default, ``reader=`` for another) and compares the scene it sees with the scene the
+prompt asks for. Columns:
 
 * ``subject``: shape, colour and pattern all right (per subject); ``shape``/``color``/
   ``pattern`` separately; ``context``: background and position both right;
@@ -40,14 +41,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from . import CHECKPOINTS, SAMPLING_GUIDANCE, SAMPLING_STEPS, world
-from .standins import EVAL_SEED, SD_SIZE, images_to_clip_pixels, read_scene
+from .standins import EVAL_SEED, SD_SIZE, images_to_clip_pixels
 from .world import ObjectSpec, Scene
+
+if TYPE_CHECKING:
+    from .reader import AttributeReader
 
 DEFAULT_STEPS = SAMPLING_STEPS
 DEFAULT_GUIDANCE = SAMPLING_GUIDANCE
@@ -163,9 +167,8 @@ def edit_followed(source: Scene, target: Scene, seen: Scene) -> bool:
     return seen.background == target.background and (tgt - src) <= got and not ((src - tgt) & got)
 
 
-def score_scene(case: Case, image: np.ndarray) -> dict[str, float]:
-    """Per-image scores of one case (see the module docstring)."""
-    seen = read_scene(image)
+def score_scene(case: Case, seen: Scene) -> dict[str, float]:
+    """Scores of one generated image, given the scene read back from it (see the module docstring)."""
     if case.source is not None:
         return {"edit": float(edit_followed(case.source, case.target, seen))}
     free = list(seen.objects)
@@ -288,14 +291,20 @@ def _run(generate, cases: list[Case], samples: int, batch_size: int = 16) -> tup
 
 def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
              quick: bool = False, samples: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, rows: Sequence[str] | None = None) -> dict[str, Any]:
+             guidance_scale: float = DEFAULT_GUIDANCE, rows: Sequence[str] | None = None,
+             reader: "str | os.PathLike | AttributeReader | None" = None) -> dict[str, Any]:
     """Run micro DreamBench on a release folder (default: the embedded models).
 
     ``quick``: 16 single-subject prompts, 8 pairs and 16 edits, one sample each (CI);
     otherwise 32 prompts x ``samples`` (4), 16 pairs x 4, 48 edits x 1. Returns
     ``{"rows": {name: metrics}, "settings": ...}``; with ``out_dir`` also writes
-    ``table.json``, ``table.md`` and ``grid.png``.
+    ``table.json``, ``table.md`` and ``grid.png``. ``reader``: the attribute reader that scores
+    the images (a folder or a loaded :class:`.reader.AttributeReader`; default: the shipped one).
     """
+    from .reader import AttributeReader, load_reader, read_scenes
+
+    reader_arg = reader if not isinstance(reader, AttributeReader) else "given"
+    reader = reader if isinstance(reader, AttributeReader) else load_reader(reader)
     models = Path(models) if models is not None else embedded_models()
     for sub in ("kosmos-g", "sd", "clip"):
         if not (models / sub).is_dir():
@@ -340,7 +349,7 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
             flat, images = _run(generate, cases, samples if set_name != "edit" else 1)
             n_images += len(images)
             grid[name][set_name] = images[:: (samples if set_name != "edit" else 1)][:8]
-            per = [score_scene(c, im) for c, im in zip(flat, images)]
+            per = [score_scene(c, seen) for c, seen in zip(flat, read_scenes(reader, images))]
             if set_name == "single":
                 for k in ("subject", "shape", "color", "pattern", "context"):
                     row[k] = float(np.mean([p[k] for p in per]))
@@ -357,7 +366,8 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     result = {"rows": table, "settings": {
         "quick": quick, "samples": samples, "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "threads": torch.get_num_threads(),
-        "cases": {k: len(v) for k, v in sets.items()}, "models": str(models)}}
+        "cases": {k: len(v) for k, v in sets.items()}, "models": str(models),
+        "reader": "shipped" if reader_arg is None else str(reader_arg)}}
     if timer is not None:
         result["single_image_s"] = time_one_image(timer)
     if out_dir is not None:
