@@ -4,7 +4,7 @@ Micro DreamBench scores generated images by reading back the scene they show. Th
 analytic reader (:func:`.standins.read_scene`) matches each grid cell against the
 renderer's exact pictures; it is exact on renders but brittle on generated images: an
 object drawn one pixel off its cell centre no longer matches its own template (measured:
-a 1 px shift of real renders drops its subject accuracy to 18%). The issue asks for "an
+a 1 px shift of real renders drops its subject accuracy to 7%). The issue asks for "an
 attribute classifier trained on the renderer's ground truth", and this is it:
 
 * :class:`AttributeReader`: a small CNN that sees a 16x16 window around one grid cell's
