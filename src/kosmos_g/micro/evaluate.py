@@ -301,10 +301,10 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     ``table.json``, ``table.md`` and ``grid.png``. ``reader``: the attribute reader that scores
     the images (a folder or a loaded :class:`.reader.AttributeReader`; default: the shipped one).
     """
-    from .reader import AttributeReader, load_reader, read_scenes
+    from .reader import AttributeReader, as_reader, read_scenes
 
-    reader_arg = reader if not isinstance(reader, AttributeReader) else "given"
-    reader = reader if isinstance(reader, AttributeReader) else load_reader(reader)
+    reader_name = "given" if isinstance(reader, AttributeReader) else str(reader or "shipped")
+    reader = as_reader(reader)
     models = Path(models) if models is not None else embedded_models()
     for sub in ("kosmos-g", "sd", "clip"):
         if not (models / sub).is_dir():
@@ -367,7 +367,7 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
         "quick": quick, "samples": samples, "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "threads": torch.get_num_threads(),
         "cases": {k: len(v) for k, v in sets.items()}, "models": str(models),
-        "reader": "shipped" if reader_arg is None else str(reader_arg)}}
+        "reader": reader_name}}
     if timer is not None:
         result["single_image_s"] = time_one_image(timer)
     if out_dir is not None:

@@ -124,21 +124,25 @@ def _windows(x: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tenso
     """(B, 3, 32, 32) -> (B * 9, 3, 16, 16): the window around each cell centre, shifted by
     ``shifts`` (B * 9, 2) pixels when given; borders replicate the image's edge."""
     pad = WINDOW // 2 + 4
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    out = []
-    for b in range(x.shape[0]):
-        for k, (cy, cx) in enumerate(_centers()):
-            dy, dx = (0, 0) if shifts is None else (int(shifts[b * 9 + k, 0]), int(shifts[b * 9 + k, 1]))
-            top, left = cy + dy - WINDOW // 2 + pad, cx + dx - WINDOW // 2 + pad
-            out.append(padded[b, :, top:top + WINDOW, left:left + WINDOW])
-    return torch.stack(out)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, 3, P, P)
+    corners = torch.tensor(_centers()).repeat(x.shape[0], 1) + (pad - WINDOW // 2)  # (B * 9, 2) top, left
+    if shifts is not None:
+        corners = corners + shifts
+    offsets = torch.arange(WINDOW)
+    rows = (corners[:, 0, None] + offsets)[:, :, None]  # (N, 16, 1)
+    cols = (corners[:, 1, None] + offsets)[:, None, :]  # (N, 1, 16)
+    images = torch.arange(x.shape[0]).repeat_interleave(9)[:, None, None]  # (N, 1, 1)
+    return padded.permute(0, 2, 3, 1)[images, rows, cols].permute(0, 3, 1, 2)  # gather, then (N, 3, 16, 16)
 
 
 # ============================================================================ training data
 
 
 def _random_scene(rng: np.random.Generator, max_objects: int = 4) -> Scene:
-    """Any background, 0..``max_objects`` objects with uniformly random attributes in distinct cells."""
+    """Any background, 0..``max_objects`` objects with uniformly random attributes in distinct cells.
+
+    Not :func:`world.sample_scene`: that one keeps shapes distinct within a scene (so that
+    captions can say "the circle"), and generated images repeat shapes; the reader must too."""
     k = int(rng.integers(max_objects + 1))
     cells = rng.choice(len(world.POSITIONS), k, replace=False)
     objects = tuple(ObjectSpec(world._pick(rng, world.SHAPES), world._pick(rng, tuple(world.COLORS)),
@@ -248,6 +252,11 @@ def save_reader(out_dir: str | os.PathLike, model: AttributeReader, record: dict
         if record is not None:
             (tmp / "train.json").write_text(json.dumps(record, indent=1) + "\n")
     return Path(out_dir)
+
+
+def as_reader(reader: "AttributeReader | str | os.PathLike | None") -> AttributeReader:
+    """``reader`` itself when it is loaded already, else :func:`load_reader` of it (None: the shipped one)."""
+    return reader if isinstance(reader, AttributeReader) else load_reader(reader)
 
 
 def load_reader(path: str | os.PathLike | None = None) -> AttributeReader:

@@ -533,11 +533,10 @@ def _scenes_and_images(
 def _mean_match(scenes: Sequence[Scene], images: np.ndarray, reader: Any = None) -> dict[str, float]:
     """Mean :func:`match_scene` of ``images`` read back (by ``reader``: a folder, a loaded
     :class:`.reader.AttributeReader`, or None for the shipped one) against ``scenes``, plus ``exact``."""
-    from .reader import AttributeReader, load_reader, read_scenes
+    from .reader import as_reader, read_scenes
 
-    reader = reader if isinstance(reader, AttributeReader) else load_reader(reader)
     rows = []
-    for scene, seen in zip(scenes, read_scenes(reader, images)):
+    for scene, seen in zip(scenes, read_scenes(as_reader(reader), images)):
         row = match_scene(scene, seen)
         row["exact"] = float(set(seen.objects) == set(scene.objects) and seen.background == scene.background)
         rows.append(row)
