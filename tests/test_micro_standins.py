@@ -152,6 +152,45 @@ def test_clip_loss_falls_when_overfitting_a_fixed_batch(clip_tokenizer):
     assert all(np.isfinite(losses)) and losses[-1] < 0.85 * losses[0]
 
 
+def test_clip_token_loss_teaches_each_state_its_own_word_and_ignores_padding(clip_tokenizer):
+    """The token-identity term: off, the loss is InfoNCE alone; on, it is the cross-entropy
+    of each state (up to the first end token, never the padding) against its own word, and
+    a few steps of it make the states name their words."""
+    import torch.nn.functional as F
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer
+    model = CLIPModel(S.micro_clip_config(len(tok), S.SMOKE_CLIP, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id))
+    images, captions, _ = S.clip_batch(np.random.default_rng(1), 8, hard_negatives=False)
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    pixels = S.images_to_clip_pixels(images)
+    plain, stats = S.clip_loss(model, pixels, ids)
+    assert "token_loss" not in stats
+    both, stats = S.clip_loss(model, pixels, ids, token_weight=0.5)
+    # Reference: the same cross-entropy over an explicit list of (row, position) up to each end token.
+    hidden = model.text_model(input_ids=ids).last_hidden_state
+    emb = model.text_model.embeddings.token_embedding.weight
+    rows = [(i, j) for i in range(len(ids)) for j in range(ids.shape[1])
+            if j <= ids[i].tolist().index(tok.eos_token_id)]
+    ref = F.cross_entropy(torch.stack([hidden[i, j] @ emb.t() for i, j in rows]),
+                          torch.stack([ids[i, j] for i, j in rows]))
+    assert len(rows) < ids.numel()  # the padding really is excluded
+    assert stats["token_loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert both.item() == pytest.approx(plain.item() + 0.5 * ref.item(), rel=1e-5)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(90):
+        loss, stats = S.clip_loss(model, pixels, ids, token_weight=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hidden = model.text_model(input_ids=ids).last_hidden_state
+    named = torch.stack([(hidden[i, j] @ emb.t()).argmax() == ids[i, j] for i, j in rows]).float().mean()
+    assert named > 0.9 and stats["token_loss"] < 0.15 * ref.item()  # at the start: ~1/698 named
+
+
 def test_micro_clip_folders_load_and_give_the_right_shapes(clip_dir):
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
