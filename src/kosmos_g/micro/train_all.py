@@ -42,11 +42,11 @@ class Budget:
 
     clip_steps: int = 2000
     clip_batch: int = 64
-    sd_steps: int = 1500
+    sd_steps: int = 2000
     sd_batch: int = 32
     sd_resolution: int = 32
     """micro-SD's resolution (= :data:`.standins.SD_SIZE`); stage-3 targets are rendered at it."""
-    sd_continue_steps: int = 0
+    sd_continue_steps: int = 1500
     """A second micro-SD run continuing from the first's U-Net (lr 5e-4, fresh EMA, seed 1);
     0: none. With it the first run is kept in ``sd-phase1/``."""
     stage1_steps: int | None = None
@@ -65,8 +65,8 @@ class Budget:
 
 
 FULL = Budget()
-SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, stage1_steps=2, stage2_steps=2,
-               stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage2_texts=16,
+SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=2, stage1_steps=2,
+               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage2_texts=16,
                stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
 SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage2-text": 201,
