@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,7 +113,21 @@ def test_batch_image_lists_must_match(proc):
 
 
 def test_split_prompt_keeps_order():
-    assert split_prompt("x<i>y<i>", ["a", "b"]) == ["x", "a", "y", "b", ""]
+    assert split_prompt("x<i>y<i>", ["a", "b"]) == ["x", Path("a"), "y", Path("b"), ""]
+
+
+def test_an_image_given_as_a_str_path_is_an_image_not_text(tmp_path):
+    """A ``str`` path (what the CLI passes) must be read as the image, exactly as the PIL image
+    or a Path would be, never tokenized as text."""
+    from kosmos_g.micro import evaluate as E
+
+    proc = KosmosGProcessor.from_pretrained(E.embedded_models() / "kosmos-g")
+    path = E.embedded_models() / "examples" / "purple-dotted-star.png"
+    want = proc.encode_prompt("a large <i> on the left", [Image.open(path)])
+    for given in (str(path), path):
+        got = proc.encode_prompt("a large <i> on the left", [given])
+        assert got.input_ids == want.input_ids and got.image_mask == want.image_mask
+        assert len(got.pixel_values) == 1 and torch.equal(got.pixel_values[0], want.pixel_values[0])
 
 
 # ----------------------------------------------------------------------------- images

@@ -110,9 +110,12 @@ def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
     most likely a forgotten placeholder and raises; with ``literal_text=True`` (training
     data, whose captions may hold HTML italics) such text is kept as plain text.
 
+    Image paths given as ``str`` become :class:`~pathlib.Path` segments, so that every
+    ``str`` segment is text and every other segment an image.
+
     Example:
         >>> split_prompt("<i> wearing <i>", ["dog.png", "hat.png"])
-        ['', 'dog.png', ' wearing ', 'hat.png', '']
+        ['', PosixPath('dog.png'), ' wearing ', PosixPath('hat.png'), '']
     """
     if isinstance(prompt, str):
         images = list(images or [])
@@ -125,7 +128,7 @@ def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
         texts = prompt.split(PLACEHOLDER)
         segments: list[Segment] = [texts[0]]
         for image, text in zip(images, texts[1:]):
-            segments += [image, text]
+            segments += [Path(image) if isinstance(image, str) else image, text]
         return segments
     if images:
         raise ValueError("Pass images either inside the list prompt or as `images=`, not both.")
