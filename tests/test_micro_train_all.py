@@ -34,7 +34,8 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
     # micro-SD is two runs: the first kept in sd-phase1/, sd/ continues from its U-Net
     first = json.loads((smoke_run / "sd-phase1" / "train_log.json").read_text())["recipe"]
     second = json.loads((smoke_run / "sd" / "train_log.json").read_text())["recipe"]
-    assert (first["steps"], first["seed"]) == (3, 0) and (second["steps"], second["lr"], second["seed"]) == (2, 5e-4, 1)
+    assert (first["steps"], first["seed"]) == (3, 0)
+    assert (second["steps"], second["lr"], second["seed"]) == (2, 5e-4, 1)
     for stage in ("stage1", "stage2", "stage3"):
         summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
         assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI

@@ -116,7 +116,7 @@ def test_split_prompt_keeps_order():
     assert split_prompt("x<i>y<i>", ["a", "b"]) == ["x", Path("a"), "y", Path("b"), ""]
 
 
-def test_an_image_given_as_a_str_path_is_an_image_not_text(tmp_path):
+def test_an_image_given_as_a_str_path_is_an_image_not_text():
     """A ``str`` path (what the CLI passes) must be read as the image, exactly as the PIL image
     or a Path would be, never tokenized as text."""
     from kosmos_g.micro import evaluate as E

@@ -368,8 +368,7 @@ def train_micro_clip(
         vision.save_pretrained(tmp / "vision")
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       crop_fraction=crop_fraction, hard_negatives=hard_negatives, token_weight=token_weight,
-                      seed=seed,
-                      sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
+                      seed=seed, sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir
 

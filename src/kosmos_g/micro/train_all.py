@@ -66,8 +66,8 @@ class Budget:
 
 FULL = Budget()
 SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=2, stage1_steps=2,
-               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage2_texts=16,
-               stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
+               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8,
+               stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
 SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage2-text": 201,
                "stage3-caption": 301, "stage3-edit": 302, "stage3-compositional": 303}
