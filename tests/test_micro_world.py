@@ -247,6 +247,25 @@ def test_sample_builders_follow_the_data_format():
     assert not np.array_equal(edit["src.png"], edit["tgt.png"])
 
 
+def test_entity_caption_sample_is_one_crop_of_the_object_it_names():
+    """Replays the sampler's draws, so the caption must name the very object that was cropped."""
+    kinds = set()
+    for seed in range(40):
+        sample = w.entity_caption_sample(np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        scene = w.sample_scene(rng, exclude_held_out=True)
+        index = int(rng.integers(len(scene.objects)))
+        square, white = w.entity_crops(w.render(scene), index)
+        assert sample["json"] == {"kind": "caption", "caption": f"a {scene.objects[index].entity_text()}"}
+        is_white = np.array_equal(sample["png"], white)
+        assert is_white or np.array_equal(sample["png"], square)
+        kinds.add(is_white)
+    assert kinds == {True, False}  # both crops occur
+    captions = {w.entity_caption_sample(np.random.default_rng(s))["json"]["caption"] for s in range(400)}
+    held = {f"a {c} {p} {s}" for s, c, p in w.held_out_subjects()}
+    assert len(captions) > 100 and not captions & held
+
+
 def test_invalid_input_raises_value_error():
     with pytest.raises(ValueError, match="shape"):
         ObjectSpec("blob", "red", "solid", "small", "left")

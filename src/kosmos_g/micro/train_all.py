@@ -57,6 +57,7 @@ class Budget:
     """None: each recipe's own ``data.batch_size``."""
     stage1_captions: int = 12_000
     stage1_texts: int = 6_000
+    stage1_entities: int = 8_000
     stage2_texts: int = 20_000
     stage3_captions: int = 4_000
     stage3_edits: int = 8_000
@@ -66,10 +67,10 @@ class Budget:
 
 FULL = Budget()
 SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=2, stage1_steps=2,
-               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8,
+               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
-SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage2-text": 201,
+SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage1-entity": 103, "stage2-text": 201,
                "stage3-caption": 301, "stage3-edit": 302, "stage3-compositional": 303}
 """One seed per shard set; evaluation uses :data:`.standins.EVAL_SEED` and the held-out subjects."""
 
@@ -94,6 +95,7 @@ def shard_makers(sd_size: int) -> dict[str, Callable[[np.random.Generator], dict
     return {
         "stage1-caption": lambda rng: world.caption_sample(rng),
         "stage1-text": _text_sample,
+        "stage1-entity": world.entity_caption_sample,
         "stage2-text": _caption_text,
         "stage3-caption": lambda rng: world.caption_sample(rng, target_size=sd_size),
         "stage3-edit": lambda rng: world.edit_sample(rng, target_size=sd_size),
@@ -108,6 +110,7 @@ def write_shards(root: str | os.PathLike, budget: Budget = FULL, *, progress: bo
     from ..data.shards import ShardWriter
 
     counts = {"stage1-caption": budget.stage1_captions, "stage1-text": budget.stage1_texts,
+              "stage1-entity": budget.stage1_entities,
               "stage2-text": budget.stage2_texts, "stage3-caption": budget.stage3_captions,
               "stage3-edit": budget.stage3_edits, "stage3-compositional": budget.stage3_compositional}
     root = Path(root)
@@ -197,7 +200,8 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
     if stage == "stage1":
         return common + [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}",
                          f"data.sources.0.shards={sh / 'stage1-caption'}",
-                         f"data.sources.1.shards={sh / 'stage1-text'}"]
+                         f"data.sources.1.shards={sh / 'stage1-text'}",
+                         f"data.sources.2.shards={sh / 'stage1-entity'}"]
     if stage == "stage2":
         return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}",
                          f"data.sources.0.shards={sh / 'stage2-text'}"]

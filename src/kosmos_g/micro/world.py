@@ -548,6 +548,26 @@ def caption_sample(
             "png": render(scene, target_size or size).image}
 
 
+def entity_caption_sample(rng: np.random.Generator, *, size: int = 64, exclude_held_out: bool = True) -> dict[str, Any]:
+    """A ``caption`` sample of one entity crop (:func:`entity_crops`, white or square by a
+    coin) captioned by its entity words, e.g. ``"a red striped circle"``.
+
+    Scene captions alone teach the MLLM to read small objects in a whole scene; a prompt's
+    ``<i>`` is a crop filling the frame. Stage 1 on these crops is what makes the MLLM's
+    image states carry shape and pattern, not only colour (docs/micro-notes.md, session 8).
+
+    Example:
+        >>> s = entity_caption_sample(np.random.default_rng(0))
+        >>> s["json"]["kind"], s["png"].shape
+        ('caption', (64, 64, 3))
+    """
+    scene = sample_scene(rng, exclude_held_out=exclude_held_out)
+    index = int(rng.integers(len(scene.objects)))
+    square, white = entity_crops(render(scene, size), index)
+    return {"json": {"kind": "caption", "caption": f"a {scene.objects[index].entity_text()}"},
+            "png": white if rng.random() < 0.5 else square}
+
+
 def compositional_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
     exclude_held_out: bool = True,
