@@ -115,11 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         module = module.eval().to(device)
         return module if dtype == torch.float32 else module.to(dtype)
 
-    kosmos = place(KosmosG(kcfg))
+    with device:  # random init where the model runs (a 1.9B init on the CPU alone takes minutes)
+        kosmos = place(KosmosG(kcfg))
+        unet = place(UNet2DConditionModel(**unet_kw))
+        vae = place(AutoencoderKL(**vae_kw))
+        clip = place(CLIPTextModel(CLIPTextConfig(**clip_kw)))
     processor = KosmosGProcessor.from_config(make_tiny_tokenizer(workdir / "spm"), kcfg)
-    unet = place(UNet2DConditionModel(**unet_kw))
-    vae = place(AutoencoderKL(**vae_kw))
-    clip = place(CLIPTextModel(CLIPTextConfig(**clip_kw)))
     make_tiny_clip_tokenizer(workdir / "clip-tok")
     tokenizer = CLIPTokenizer.from_pretrained(str(workdir / "clip-tok"))
 

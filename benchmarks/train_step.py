@@ -61,10 +61,11 @@ def build_kosmos_step(args, device: torch.device, dtype: torch.dtype):
     kcfg, unet_kw, vae_kw, _, res = sizes(args.size_preset)
     res = args.resolution or res
     torch.manual_seed(0)
-    model = KosmosG(kcfg).to(device).train()
+    with device:  # random init where the model runs (a 1.9B init on the CPU alone takes minutes)
+        model = KosmosG(kcfg).to(device).train()
+        unet = UNet2DConditionModel(**unet_kw).to(device, dtype).requires_grad_(False).eval()
+        vae = AutoencoderKL(**vae_kw).to(device, dtype).requires_grad_(False).eval()
     set_trainable(model, mllm=True, resampler=True, vision_last_block=True, aligner=True)
-    unet = UNet2DConditionModel(**unet_kw).to(device, dtype).requires_grad_(False).eval()
-    vae = AutoencoderKL(**vae_kw).to(device, dtype).requires_grad_(False).eval()
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         unet.enable_gradient_checkpointing()
@@ -123,9 +124,10 @@ def build_sd_step(args, device: torch.device, dtype: torch.dtype):
     _, unet_kw, vae_kw, clip_kw, res = sizes(args.size_preset)
     res = args.resolution or res
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_kw).to(device).train()  # fp32 master weights, autocast
-    vae = AutoencoderKL(**vae_kw).to(device, dtype).requires_grad_(False).eval()
-    text = CLIPTextModel(CLIPTextConfig(**clip_kw)).to(device, dtype).requires_grad_(False).eval()
+    with device:
+        unet = UNet2DConditionModel(**unet_kw).to(device).train()  # fp32 master weights, autocast
+        vae = AutoencoderKL(**vae_kw).to(device, dtype).requires_grad_(False).eval()
+        text = CLIPTextModel(CLIPTextConfig(**clip_kw)).to(device, dtype).requires_grad_(False).eval()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     sched = DDPMScheduler.from_config(SD15_SCHEDULER)
