@@ -31,11 +31,12 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
         assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
     assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
                                       "stage3", "release"}
-    # micro-SD is two runs: the first kept in sd-phase1/, sd/ continues from its U-Net
-    first = json.loads((smoke_run / "sd-phase1" / "train_log.json").read_text())["recipe"]
-    second = json.loads((smoke_run / "sd" / "train_log.json").read_text())["recipe"]
-    assert (first["steps"], first["seed"]) == (3, 0)
-    assert (second["steps"], second["lr"], second["seed"]) == (2, 5e-4, 1)
+    # micro-SD is three runs, each continuing from the U-Net of the one before
+    runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"]
+            for name in ("sd-phase1", "sd-phase2", "sd")]
+    assert [(r["steps"], r["seed"], r["resumed_from"]) for r in runs] == [
+        (3, 0, None), (2, 1, str(smoke_run / "sd-phase1" / "unet")), (1, 1, str(smoke_run / "sd-phase2" / "unet"))]
+    assert {(r["lr"], r["warmup"]) for r in runs[1:]} == {(5e-4, 50)}
     for stage in ("stage1", "stage2", "stage3"):
         summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
         assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI

@@ -747,7 +747,8 @@ def train_micro_sd(
                       scheduler=micro_scheduler(prediction_type))
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
                       prediction_type=prediction_type, snr_gamma=snr_gamma, object_weight=object_weight,
-                      ema_decay=ema_decay, seed=seed,
+                      ema_decay=ema_decay, seed=seed, warmup=warmup,
+                      resumed_from=None if resume_unet is None else str(resume_unet),
                       resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()),
                       parameters=sum(p.numel() for p in unet.parameters()))
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))

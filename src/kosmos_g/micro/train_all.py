@@ -46,9 +46,10 @@ class Budget:
     sd_batch: int = 32
     sd_resolution: int = 32
     """micro-SD's resolution (= :data:`.standins.SD_SIZE`); stage-3 targets are rendered at it."""
-    sd_continue_steps: int = 1500
-    """A second micro-SD run continuing from the first's U-Net (lr 5e-4, fresh EMA, seed 1);
-    0: none. With it the first run is kept in ``sd-phase1/``."""
+    sd_continue_steps: tuple[int, ...] = (1500, 1500)
+    """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
+    steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
+    ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``."""
     stage1_steps: int | None = None
     """None: the ``micro-stage1`` recipe's ``train.max_steps`` (likewise for stages 2 and 3)."""
     stage2_steps: int | None = None
@@ -66,7 +67,7 @@ class Budget:
 
 
 FULL = Budget()
-SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=2, stage1_steps=2,
+SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1), stage1_steps=2,
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
@@ -97,9 +98,10 @@ def shard_makers(sd_size: int) -> dict[str, Callable[[np.random.Generator], dict
         "stage1-text": _text_sample,
         "stage1-entity": world.entity_caption_sample,
         "stage2-text": _caption_text,
-        "stage3-caption": lambda rng: world.caption_sample(rng, target_size=sd_size),
-        "stage3-edit": lambda rng: world.edit_sample(rng, target_size=sd_size),
-        "stage3-compositional": lambda rng: world.compositional_sample(rng, target_size=sd_size),
+        "stage3-caption": lambda rng: world.caption_sample(rng, target_size=sd_size, with_foreground=True),
+        "stage3-edit": lambda rng: world.edit_sample(rng, target_size=sd_size, with_foreground=True),
+        "stage3-compositional": lambda rng: world.compositional_sample(rng, target_size=sd_size,
+                                                                       with_foreground=True),
     }
 
 
@@ -261,19 +263,23 @@ def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Pa
 
 
 def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True) -> Path:
-    """micro-SD into ``out/sd``: one run, or two when ``budget.sd_continue_steps`` (the first
-    in ``out/sd-phase1``); each run is skipped when its folder exists."""
+    """micro-SD into ``out/sd``: a first run, then one continuation per entry of
+    ``budget.sd_continue_steps``; every run but the last goes to ``out/sd-phase<i>``. Each run
+    is skipped when its folder exists, so an interrupted ``train-all`` resumes at the run it
+    was in."""
     from .standins import train_micro_sd
 
     out = Path(out)
-    first = out / ("sd-phase1" if budget.sd_continue_steps else "sd")
-    if not first.exists():
-        train_micro_sd(first, out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch,
+    runs = 1 + len(budget.sd_continue_steps)
+    folders = [out / f"sd-phase{i}" for i in range(1, runs)] + [out / "sd"]
+    if not folders[0].exists():
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch,
                        resolution=budget.sd_resolution, progress=progress)
-    if budget.sd_continue_steps and not (out / "sd").exists():
-        train_micro_sd(out / "sd", out / "clip", steps=budget.sd_continue_steps, batch_size=budget.sd_batch,
-                       lr=5e-4, warmup=50, seed=1, resume_unet=first / "unet", resolution=budget.sd_resolution,
-                       progress=progress)
+    for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
+        if not folder.exists():
+            train_micro_sd(folder, out / "clip", steps=steps, batch_size=budget.sd_batch, lr=5e-4, warmup=50,
+                           seed=1, resume_unet=previous / "unet", resolution=budget.sd_resolution,
+                           progress=progress)
     return out / "sd"
 
 
