@@ -247,6 +247,31 @@ def test_sample_builders_follow_the_data_format():
     assert not np.array_equal(edit["src.png"], edit["tgt.png"])
 
 
+def test_foreground_masks_are_the_targets_objects_and_draw_nothing():
+    """``with_foreground`` adds exactly the objects' pixels of the target (and, for edits, of
+    the source too) and leaves every other member, and the random stream, unchanged."""
+    for make, stem in ((w.caption_sample, "fg.png"), (w.compositional_sample, "tgt_fg.png"),
+                       (w.edit_sample, "tgt_fg.png")):
+        for seed in range(6):
+            plain_rng, fg_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+            plain = make(plain_rng, target_size=32)
+            with_fg = make(fg_rng, target_size=32, with_foreground=True)
+            assert set(with_fg) - set(plain) == {stem}
+            for k, v in plain.items():
+                assert (v == with_fg[k]) if k == "json" else np.array_equal(v, with_fg[k])
+            assert plain_rng.random() == fg_rng.random()
+            mask = with_fg[stem]
+            assert mask.shape == (32, 32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+            target = with_fg["png" if stem == "fg.png" else "tgt.png"]
+            if make is not w.edit_sample:  # background pixels are the background colour, objects may not be
+                replay = np.random.default_rng(seed)
+                scene = w.sample_scene(replay, exclude_held_out=True)
+                result = w.render(scene, 32)
+                assert np.array_equal(result.image, target)
+                assert np.array_equal(mask > 0, np.logical_or.reduce(result.masks))
+            assert 0 < (mask > 0).mean() < 1
+
+
 def test_entity_caption_sample_is_one_crop_of_the_object_it_names():
     """Replays the sampler's draws, so the caption must name the very object that was cropped."""
     kinds = set()

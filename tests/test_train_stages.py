@@ -52,10 +52,11 @@ def world(tmp_path_factory, tiny_kosmos_dir, tiny_sd_dir):
             "shards": make_tiny_shards(root / "shards", n=12, per_shard=4)}
 
 
-def cli_args(world, stage: str, out: Path, *extra: str) -> list[str]:
+def cli_args(world, stage: str, out: Path, *extra: str, shards: dict | None = None) -> list[str]:
     args = ["train", stage, "--config", f"tiny-{stage}", f"model.init={world['kosmos']}",
             f"train.output_dir={out}", "log.progress=false"]
-    args += [f"data.sources.{i}.shards={world['shards'][name]}" for i, name in enumerate(SOURCES[stage])]
+    shards = shards or world["shards"]
+    args += [f"data.sources.{i}.shards={shards[name]}" for i, name in enumerate(SOURCES[stage])]
     if stage == "stage2":
         args.append(f"stage2.clip_path={world['sd']}")
     if stage == "stage3":
@@ -366,3 +367,100 @@ def test_only_complete_checkpoints_count(tmp_path):
             (root / name / STATE_FILE).write_text("{}")
     assert latest_checkpoint(root) == root / "step-00000004"
     assert latest_checkpoint(tmp_path / "none") is None
+
+
+# ----------------------------------------------------------------------------- foreground weighting
+
+MASK_STEM = {"caption": "fg", "edit": "tgt_fg", "compositional": "tgt_fg"}
+
+
+def masked_shards(world, root: Path, mask_of) -> dict[str, Path]:
+    """The world's stage-3 shards with a foreground mask member ``mask_of(target_hw)`` added."""
+    from kosmos_g.data.shards import decode_image
+
+    out = {}
+    for kind in SOURCES["stage3"]:
+        out[kind] = root / kind
+        with ShardWriter(out[kind], max_samples=4) as writer:
+            for raw in iter_shards(expand_shards(world["shards"][kind])):
+                sample = {k: v for k, v in raw.items() if not k.startswith("__")}
+                target = decode_image(raw, "" if kind == "caption" else "tgt")
+                sample[f"{MASK_STEM[kind]}.png"] = mask_of((target.size[1], target.size[0]))
+                writer.write(sample, key=raw["__key__"])
+    return out
+
+
+def left_half(hw):
+    mask = np.zeros(hw, np.uint8)
+    mask[:, : hw[1] // 2] = 255
+    return mask
+
+
+def test_stage3_foreground_weight_reads_masks_only_when_set(world, runs, tmp_path):
+    shards = masked_shards(world, tmp_path / "shards", left_half)
+    run_cli(cli_args(world, "stage3", tmp_path / "off", "train.stop_after=2", shards=shards))
+    want = [float(r["loss"]) for r in read_csv(runs["stage3"])[:2]]  # weight 1.0 (the paper): masks ignored
+    assert [float(r["loss"]) for r in read_csv(tmp_path / "off")] == want
+    run_cli(cli_args(world, "stage3", tmp_path / "on", "train.stop_after=2", "stage3.foreground_weight=4",
+                     shards=shards))
+    got = [float(r["loss"]) for r in read_csv(tmp_path / "on")]
+    assert all(math.isfinite(x) for x in got) and got[0] != want[0]
+
+
+def test_foreground_weights_follow_the_target_geometry():
+    from PIL import Image
+
+    from kosmos_g.train.stage3 import foreground_weights
+
+    mask = Image.fromarray(left_half((8, 16)))  # 16 wide, 8 high: the center crop keeps columns 4..11
+    w = foreground_weights(mask, 8, 1, 5.0)
+    assert w.shape == (1, 8, 8) and torch.allclose(w.mean(), torch.tensor(1.0))
+    assert torch.allclose(w[0, :, :4], 5 * w[0, :, 4:])  # foreground (left of the crop) weighs 5x
+    pooled = foreground_weights(Image.fromarray(left_half((8, 8))[:, ::-1].copy()), 8, 4, 3.0)
+    assert pooled.shape == (1, 2, 2) and torch.allclose(pooled[0, :, 1], 3 * pooled[0, :, 0])
+    uniform = foreground_weights(Image.fromarray(np.full((8, 8), 255, np.uint8)), 8, 2, 7.0)
+    assert torch.equal(uniform, torch.ones(1, 4, 4))
+
+
+def test_stage3_loss_weight_is_a_per_pixel_weighted_mean(world, tmp_path):
+    """Weights 2 on one half and 0 on the other, then the reverse, average to the plain loss;
+    a sample without a mask weighs every pixel alike; a mask of the wrong size is refused."""
+    from accelerate import Accelerator
+
+    from kosmos_g.data.shards import BadSample, iter_shards as shards_of
+    from kosmos_g.train.recipe import load_recipe
+    from kosmos_g.train.stage3 import Stage3
+
+    shards = masked_shards(world, tmp_path / "shards", left_half)
+    fresh_process_state()
+    recipe = load_recipe("tiny-stage3", [f"model.init={world['kosmos']}", f"stage3.sd_path={world['sd']}",
+                                         "stage3.foreground_weight=3",
+                                         *[f"data.sources.{i}.shards={shards[k]}"
+                                           for i, k in enumerate(SOURCES["stage3"])]])
+    stage = Stage3(recipe, Accelerator(cpu=True))
+    raws = list(shards_of(expand_shards(shards["edit"])))[:3]
+    examples = [stage.builder(raw, np.random.default_rng(i), "edit") for i, raw in enumerate(raws)]
+    h = recipe.stage3.resolution // stage.vae_factor
+    assert examples[0]["loss_weight"].shape == (1, h, h)
+    del examples[2]["loss_weight"]  # as if that sample had no mask
+    batch = stage.collate(examples)
+    assert torch.equal(batch["loss_weight"][2], torch.ones(1, h, h))
+    batch = stage.prepare_batch(batch)
+    with torch.no_grad():
+        def loss(weight):
+            return stage.module({**batch, "loss_weight": weight})["loss"][0].item()
+        plain = loss(None)
+        left = torch.zeros(len(examples), 1, h, h)
+        left[..., : h // 2] = 2.0
+        a, b = loss(left), loss(2.0 - left)
+        assert loss(torch.ones_like(left)) == plain and a != b
+        assert abs((a + b) / 2 - plain) <= 1e-5 * plain
+    bad = dict(raws[0])
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(buf, format="PNG")
+    bad["tgt_fg.png"] = buf.getvalue()
+    with pytest.raises(BadSample, match="pixel for pixel"):
+        stage.builder(bad, np.random.default_rng(0), "edit")

@@ -378,8 +378,9 @@ def validate_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def decode_image(raw: Mapping[str, Any], stem: str = ""):
-    """Decode the image member ``<stem>.png``/``.jpg`` of a raw sample to an RGB PIL image.
+def decode_image(raw: Mapping[str, Any], stem: str = "", *, mask: bool = False):
+    """Decode the image member ``<stem>.png``/``.jpg`` of a raw sample to an RGB PIL image
+    (``mask=True``: a single-channel ``L`` image, e.g. a target's foreground mask).
 
     Raises :class:`BadSample` when the member is missing or cannot be decoded.
     """
@@ -393,6 +394,8 @@ def decode_image(raw: Mapping[str, Any], stem: str = ""):
     try:
         with Image.open(io.BytesIO(raw[name])) as im:
             im.load()
+            if mask:
+                return im.convert("L")
             return to_rgb(im.copy() if im.mode != "P" else im.convert("RGBA"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"Sample {raw.get('__key__')!r}: cannot decode {name} ({e}).") from e

@@ -528,9 +528,18 @@ def _reference(scene: Scene, index: int) -> str:
 # ---------------------------------------------------------------------------- shard samples
 
 
+def foreground(*results: RenderResult) -> np.ndarray:
+    """The (H, W) uint8 foreground mask (255 on any object's pixels) of one or more renders
+    of the same size: a stage-3 target's ``fg.png`` / ``tgt_fg.png``."""
+    masks = [m for r in results for m in r.masks]
+    if not masks:
+        return np.zeros(results[0].image.shape[:2], np.uint8)
+    return np.logical_or.reduce(masks).astype(np.uint8) * 255
+
+
 def caption_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
-    exclude_held_out: bool = True,
+    exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
     """A ``caption`` sample: ``{"json": {...}, "png": (H, W, 3) uint8}``.
 
@@ -538,14 +547,19 @@ def caption_sample(
     sample only ever shows as a diffusion target (``png`` of stage-3 captions, ``tgt.png``)
     are rendered natively at micro-SD's resolution rather than resized, so stage 3 sees
     exactly the pictures micro-SD learned to draw; model inputs stay at ``size``.
+    ``with_foreground`` adds ``"fg.png"``, the objects' exact mask (:func:`foreground`),
+    for ``stage3.foreground_weight``; it draws nothing from ``rng``.
 
     Example:
-        >>> sorted(caption_sample(np.random.default_rng(0)))
-        ['json', 'png']
+        >>> sorted(caption_sample(np.random.default_rng(0), with_foreground=True))
+        ['fg.png', 'json', 'png']
     """
     scene = sample_scene(rng, exclude_held_out=exclude_held_out)
-    return {"json": {"kind": "caption", "caption": scene.caption(rng)},
-            "png": render(scene, target_size or size).image}
+    result = render(scene, target_size or size)
+    sample = {"json": {"kind": "caption", "caption": scene.caption(rng)}, "png": result.image}
+    if with_foreground:
+        sample["fg.png"] = foreground(result)
+    return sample
 
 
 def entity_caption_sample(rng: np.random.Generator, *, size: int = 64, exclude_held_out: bool = True) -> dict[str, Any]:
@@ -570,11 +584,12 @@ def entity_caption_sample(rng: np.random.Generator, *, size: int = 64, exclude_h
 
 def compositional_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
-    exclude_held_out: bool = True,
+    exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
     """A ``compositional`` sample: the caption with each object's entity span, the target
     image ``"tgt.png"``, and per entity ``i`` the crops ``"e{i}_square.png"`` and
-    ``"e{i}_white.png"`` (all (H, W, 3) uint8).
+    ``"e{i}_white.png"`` (all (H, W, 3) uint8); ``with_foreground``: also ``"tgt_fg.png"``,
+    the target's object mask.
 
     Example:
         >>> s = compositional_sample(np.random.default_rng(0))
@@ -586,10 +601,13 @@ def compositional_sample(
     caption, spans = scene.caption_with_spans(rng)
     result = render(scene, size)
     entities = [{"text": caption[start:end], "start": start, "end": end} for start, end in spans]
+    target = render(scene, target_size) if target_size else result
     sample: dict[str, Any] = {
         "json": {"kind": "compositional", "caption": caption, "entities": entities},
-        "tgt.png": render(scene, target_size).image if target_size else result.image,
+        "tgt.png": target.image,
     }
+    if with_foreground:
+        sample["tgt_fg.png"] = foreground(target)
     for i in range(len(scene.objects)):
         sample[f"e{i}_square.png"], sample[f"e{i}_white.png"] = entity_crops(result, i)
     return sample
@@ -597,9 +615,11 @@ def compositional_sample(
 
 def edit_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
-    exclude_held_out: bool = True,
+    exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
-    """An ``edit`` sample: the source caption and instruction, ``"src.png"`` and ``"tgt.png"``.
+    """An ``edit`` sample: the source caption and instruction, ``"src.png"`` and ``"tgt.png"``;
+    ``with_foreground``: also ``"tgt_fg.png"``, the objects of the target *and* the source
+    at the target's size (a removed or moved object's old place is where the edit shows).
 
     Example:
         >>> s = edit_sample(np.random.default_rng(0))
@@ -608,8 +628,12 @@ def edit_sample(
     """
     scene = sample_scene(rng, exclude_held_out=exclude_held_out)
     src, tgt, instruction = make_edit(rng, scene, exclude_held_out=exclude_held_out)
-    return {
+    target = render(tgt, target_size or size)
+    sample = {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction},
         "src.png": render(src, size).image,
-        "tgt.png": render(tgt, target_size or size).image,
+        "tgt.png": target.image,
     }
+    if with_foreground:
+        sample["tgt_fg.png"] = foreground(target, render(src, target_size or size))
+    return sample

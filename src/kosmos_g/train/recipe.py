@@ -218,6 +218,11 @@ class Stage3Spec:
     """Compositional samples: probability of the background-whitened crop (else the square crop)."""
     prediction_type: str | None = None
     """Override the scheduler's prediction_type (``epsilon`` / ``v_prediction``)."""
+    foreground_weight: float = 1.0
+    """Weight of a target's foreground pixels in the denoising loss, against 1 for the rest,
+    read from the sample's optional foreground mask (``fg.png`` / ``tgt_fg.png``, see
+    docs/data-format.md); each sample's weights are scaled to mean 1. 1.0 (the paper): a
+    plain mean, masks ignored. Samples without a mask weigh every pixel alike."""
     max_caption_tokens: int = 128
     """Caption samples longer than this (MLLM tokens) are filtered, as the official loader does."""
     min_caption_image_size: int = 0
@@ -235,6 +240,8 @@ class Stage3Spec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"stage3.{name} must be in [0, 1], got {value}.")
+        if not self.foreground_weight > 0:
+            raise ValueError(f"stage3.foreground_weight must be > 0 (1.0: off), got {self.foreground_weight}.")
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"stage3.resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):

@@ -15,6 +15,9 @@ Samples are mixed by weight (paper: caption : edit : compositional = 1 : 2 : 2):
   words, or replacing them (one coin per sample, as the official loader), and for each
   entity the background-whitened or the square crop (one coin per entity) -> the image.
 
+``stage3.foreground_weight`` (not in the paper; default 1, off) weighs the pixels of a
+target's optional foreground mask more in the loss (docs/data-format.md).
+
 Every random choice of a sample (caption drop, placements, crops, timestep, noise,
 null-condition dropout) comes from that sample's own generator, so runs resume exactly
 and do not depend on how samples are spread over processes.
@@ -33,7 +36,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.shards import BadSample, decode_image, iter_shard, validate_sample
+from ..data.shards import BadSample, decode_image, image_member, iter_shard, validate_sample
 from ..processing import KosmosGProcessor
 from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
@@ -44,19 +47,37 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("caption", "edit", "compositional")
 _TARGET_STEM = {"caption": "", "edit": "tgt", "compositional": "tgt"}
+_MASK_STEM = {"caption": "fg", "edit": "tgt_fg", "compositional": "tgt_fg"}
+"""The optional foreground mask of each kind's target (``stage3.foreground_weight``)."""
 
 
-def preprocess_target(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize the short side to ``size`` (bilinear), center-crop, scale to [-1, 1]: (3, size, size)."""
+def _resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bilinear) and center-crop to ``size`` x ``size``."""
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.BILINEAR)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess_target(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` (bilinear), center-crop, scale to [-1, 1]: (3, size, size)."""
+    arr = np.asarray(_resize_crop(image, size), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def foreground_weights(mask: Image.Image, size: int, factor: int, weight: float) -> torch.Tensor:
+    """Per-position loss weights (1, size/factor, size/factor) from a target's foreground
+    ``mask`` (``L``; 255 = foreground): the mask through the target's own resize and crop,
+    averaged over each ``factor`` x ``factor`` block (a latent position covers that many
+    pixels), mapped to ``1 + (weight - 1) * foreground`` and scaled to mean 1."""
+    m = torch.from_numpy(np.asarray(_resize_crop(mask, size), dtype=np.float32) / 255.0)[None, None]
+    if factor > 1:
+        m = F.avg_pool2d(m, factor)
+    w = 1.0 + (weight - 1.0) * m[0]
+    return w / w.mean()
 
 
 def compositional_segments(raw: dict[str, Any], meta: dict[str, Any], rng: np.random.Generator, *,
@@ -87,7 +108,7 @@ class Stage3Builder:
     def __init__(self, processor: KosmosGProcessor, *, resolution: int, caption_drop: float,
                  entity_replace_prob: float, white_crop_prob: float, cond_dropout: float,
                  num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
-                 latent_cache: LatentCache | None) -> None:
+                 latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1) -> None:
         self.processor = processor
         self.resolution = resolution
         self.caption_drop = caption_drop
@@ -98,6 +119,8 @@ class Stage3Builder:
         self.max_caption_tokens = max_caption_tokens
         self.min_caption_image_size = min_caption_image_size
         self.latent_cache = latent_cache
+        self.foreground_weight = foreground_weight
+        self.latent_factor = latent_factor
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
         meta = validate_sample(raw)
@@ -134,6 +157,14 @@ class Stage3Builder:
         else:
             target = target if target is not None else decode_image(raw, _TARGET_STEM[kind])
             example["target"] = preprocess_target(target, self.resolution)
+        if self.foreground_weight != 1.0 and image_member(raw, _MASK_STEM[kind]) is not None:
+            mask = decode_image(raw, _MASK_STEM[kind], mask=True)
+            if target is not None and mask.size != target.size:
+                raise BadSample(f"{kind} sample {raw['__key__']!r}: foreground mask {_MASK_STEM[kind]} is "
+                                f"{mask.size[0]}x{mask.size[1]} but its target is {target.size[0]}x{target.size[1]}; "
+                                "a mask must match its target pixel for pixel.")
+            example["loss_weight"] = foreground_weights(mask, self.resolution, self.latent_factor,
+                                                        self.foreground_weight)
         return example
 
 
@@ -194,7 +225,10 @@ class DiffusionModule(nn.Module):
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+        if batch.get("loss_weight") is not None:  # (B, 1, h, w), mean 1 per sample
+            err = err * batch["loss_weight"]
+        per = err.mean(dim=(1, 2, 3))  # (B,)
         n = torch.tensor(per.shape[0], device=per.device)
         out = {"loss": (per.sum(), n)}
         for k, name in enumerate(self.source_names):
@@ -267,7 +301,7 @@ class Stage3(Stage):
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
             cond_dropout=spec.cond_dropout, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
             max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
-            latent_cache=self.cache)
+            latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor)
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -279,6 +313,9 @@ class Stage3(Stage):
         batch["keys"] = [(ex["source"], ex["key"]) for ex in examples]
         batch["cached"] = [ex.get("latent_params") for ex in examples]
         batch["targets"] = [ex.get("target") for ex in examples]
+        if any("loss_weight" in ex for ex in examples):  # samples without a mask weigh every pixel alike
+            shape = next(ex["loss_weight"].shape for ex in examples if "loss_weight" in ex)
+            batch["loss_weight"] = torch.stack([ex.get("loss_weight", torch.ones(shape)) for ex in examples])
         return batch
 
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
