@@ -71,11 +71,6 @@ SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_s
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
-SHARD_SEEDS = {"stage1-caption": 101, "stage1-text": 102, "stage1-entity": 103, "stage2-text": 201,
-               "stage3-caption": 301, "stage3-edit": 302, "stage3-compositional": 303}
-"""One seed per shard set; evaluation uses :data:`.standins.EVAL_SEED` and the held-out subjects."""
-
-
 def _text_sample(rng: np.random.Generator) -> dict[str, Any]:
     """A ``text`` sample: a scene's caption, or an edit instruction (the world's language)."""
     scene = world.sample_scene(rng, exclude_held_out=True)
@@ -90,19 +85,38 @@ def _caption_text(rng: np.random.Generator) -> dict[str, Any]:
     return {"json": {"kind": "text", "text": world.sample_scene(rng, exclude_held_out=True).caption(rng)}}
 
 
-def shard_makers(sd_size: int) -> dict[str, Callable[[np.random.Generator], dict[str, Any]]]:
-    """The sample function of each shard set. Model inputs are 64 px (micro-CLIP's size);
-    stage-3 targets are rendered natively at micro-SD's ``sd_size``."""
-    return {
-        "stage1-caption": lambda rng: world.caption_sample(rng),
-        "stage1-text": _text_sample,
-        "stage1-entity": world.entity_caption_sample,
-        "stage2-text": _caption_text,
-        "stage3-caption": lambda rng: world.caption_sample(rng, target_size=sd_size, with_foreground=True),
-        "stage3-edit": lambda rng: world.edit_sample(rng, target_size=sd_size, with_foreground=True),
-        "stage3-compositional": lambda rng: world.compositional_sample(rng, target_size=sd_size,
-                                                                       with_foreground=True),
-    }
+@dataclass(frozen=True)
+class ShardSet:
+    """One shard set of the micro world: who reads it, its seed, its size and its samples."""
+
+    stage: str
+    source: int
+    """The reading stage's recipe source (``data.sources.<source>.shards``)."""
+    seed: int
+    count: str
+    """The :class:`Budget` field holding its number of samples."""
+    make: Callable[[np.random.Generator, int], dict[str, Any]]
+    """``(rng, sd_resolution) -> sample``."""
+
+
+SHARD_SETS = {
+    # model inputs are 64 px (micro-CLIP's size); stage-3 targets are rendered natively at
+    # micro-SD's resolution, with their exact object masks (stage3.foreground_weight)
+    "stage1-caption": ShardSet("stage1", 0, 101, "stage1_captions", lambda rng, sd: world.caption_sample(rng)),
+    "stage1-text": ShardSet("stage1", 1, 102, "stage1_texts", lambda rng, sd: _text_sample(rng)),
+    "stage1-entity": ShardSet("stage1", 2, 103, "stage1_entities",
+                              lambda rng, sd: world.entity_caption_sample(rng)),
+    "stage2-text": ShardSet("stage2", 0, 201, "stage2_texts", lambda rng, sd: _caption_text(rng)),
+    "stage3-caption": ShardSet("stage3", 0, 301, "stage3_captions", lambda rng, sd: world.caption_sample(
+        rng, target_size=sd, with_foreground=True)),
+    "stage3-edit": ShardSet("stage3", 1, 302, "stage3_edits", lambda rng, sd: world.edit_sample(
+        rng, target_size=sd, with_foreground=True)),
+    "stage3-compositional": ShardSet("stage3", 2, 303, "stage3_compositional",
+                                     lambda rng, sd: world.compositional_sample(rng, target_size=sd,
+                                                                                with_foreground=True)),
+}
+"""Every shard set ``train-all`` writes, by folder name (evaluation uses
+:data:`.standins.EVAL_SEED` and the held-out subjects instead)."""
 
 
 def write_shards(root: str | os.PathLike, budget: Budget = FULL, *, progress: bool = True) -> dict[str, Path]:
@@ -111,20 +125,16 @@ def write_shards(root: str | os.PathLike, budget: Budget = FULL, *, progress: bo
 
     from ..data.shards import ShardWriter
 
-    counts = {"stage1-caption": budget.stage1_captions, "stage1-text": budget.stage1_texts,
-              "stage1-entity": budget.stage1_entities,
-              "stage2-text": budget.stage2_texts, "stage3-caption": budget.stage3_captions,
-              "stage3-edit": budget.stage3_edits, "stage3-compositional": budget.stage3_compositional}
     root = Path(root)
     out = {}
-    for name, make in shard_makers(budget.sd_resolution).items():
+    for name, spec in SHARD_SETS.items():
         out[name] = root / name
         if out[name].is_dir():
             continue
-        rng = np.random.default_rng(SHARD_SEEDS[name])
+        rng = np.random.default_rng(spec.seed)
         with atomic_dir(out[name]) as tmp, ShardWriter(tmp, max_samples=budget.per_shard) as writer:
-            for i in tqdm(range(counts[name]), desc=f"shards {name}", disable=not progress):
-                writer.write(make(rng), key=f"{name}-{i:07d}")
+            for i in tqdm(range(getattr(budget, spec.count)), desc=f"shards {name}", disable=not progress):
+                writer.write(spec.make(rng, budget.sd_resolution), key=f"{name}-{i:07d}")
     return out
 
 
@@ -199,19 +209,14 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
                    f"checkpoint.every={steps}"]
     if budget.stage_batch is not None:
         common.append(f"data.batch_size={budget.stage_batch}")
+    common += [f"data.sources.{spec.source}.shards={sh / name}"
+               for name, spec in SHARD_SETS.items() if spec.stage == stage]
     if stage == "stage1":
-        return common + [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}",
-                         f"data.sources.0.shards={sh / 'stage1-caption'}",
-                         f"data.sources.1.shards={sh / 'stage1-text'}",
-                         f"data.sources.2.shards={sh / 'stage1-entity'}"]
+        return common + [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}"]
     if stage == "stage2":
-        return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}",
-                         f"data.sources.0.shards={sh / 'stage2-text'}"]
+        return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}"]
     return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
-                     f"stage3.resolution={budget.sd_resolution}",
-                     f"data.sources.0.shards={sh / 'stage3-caption'}",
-                     f"data.sources.1.shards={sh / 'stage3-edit'}",
-                     f"data.sources.2.shards={sh / 'stage3-compositional'}"]
+                     f"stage3.resolution={budget.sd_resolution}"]
 
 
 EXAMPLE_SUBJECTS = {  # held-out subjects: never a stage-3 subject, so generating them is zero-shot
