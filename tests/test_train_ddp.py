@@ -38,3 +38,6 @@ def test_two_processes_match_one_process_with_the_doubled_batch(world, tmp_path)
     # the 2-process checkpoint holds both streams' positions, so any process count can resume it
     state = json.loads((two / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and sorted(state["position"]) == ["0", "1"]
+    # ... and each process's own part: no process may still be writing when the folder is renamed
+    for ckpt in (two / "checkpoints").iterdir():
+        assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}

@@ -229,6 +229,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
         if acc.is_main_process:
             merged = {str(k): v for pos in positions for k, v in pos.items()}
             state = {"stage": self.stage_name, "step": self.step, "samples": self.samples,
