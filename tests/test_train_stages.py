@@ -464,3 +464,13 @@ def test_stage3_loss_weight_is_a_per_pixel_weighted_mean(world, tmp_path):
     bad["tgt_fg.png"] = buf.getvalue()
     with pytest.raises(BadSample, match="pixel for pixel"):
         stage.builder(bad, np.random.default_rng(0), "edit")
+
+    class CacheHit:  # a latent-cache hit: the target itself is never decoded
+        def get(self, source, key):
+            return torch.zeros(8, h, h)
+
+    stage.builder.latent_cache = CacheHit()
+    hit = stage.builder(raws[0], np.random.default_rng(0), "edit")
+    assert "target" not in hit and torch.equal(hit["loss_weight"], examples[0]["loss_weight"])
+    with pytest.raises(BadSample, match="pixel for pixel"):  # checked against the target's header
+        stage.builder(bad, np.random.default_rng(0), "edit")

@@ -25,6 +25,7 @@ and do not depend on how samples are spread over processes.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -159,13 +160,23 @@ class Stage3Builder:
             example["target"] = preprocess_target(target, self.resolution)
         if self.foreground_weight != 1.0 and image_member(raw, _MASK_STEM[kind]) is not None:
             mask = decode_image(raw, _MASK_STEM[kind], mask=True)
-            if target is not None and mask.size != target.size:
+            size = target.size if target is not None else _image_size(raw, _TARGET_STEM[kind])
+            if mask.size != size:
                 raise BadSample(f"{kind} sample {raw['__key__']!r}: foreground mask {_MASK_STEM[kind]} is "
-                                f"{mask.size[0]}x{mask.size[1]} but its target is {target.size[0]}x{target.size[1]}; "
+                                f"{mask.size[0]}x{mask.size[1]} but its target is {size[0]}x{size[1]}; "
                                 "a mask must match its target pixel for pixel.")
             example["loss_weight"] = foreground_weights(mask, self.resolution, self.latent_factor,
                                                         self.foreground_weight)
         return example
+
+
+def _image_size(raw: dict[str, Any], stem: str) -> tuple[int, int]:
+    """(width, height) of an image member from its header alone (a cached target is not decoded)."""
+    try:
+        with Image.open(io.BytesIO(raw[image_member(raw, stem)])) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any unreadable header is a bad sample
+        raise BadSample(f"Sample {raw.get('__key__')!r}: cannot read the size of its {stem or 'png'} image ({e}).") from e
 
 
 @torch.no_grad()
