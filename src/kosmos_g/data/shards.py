@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -378,24 +379,38 @@ def validate_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def decode_image(raw: Mapping[str, Any], stem: str = "", *, mask: bool = False):
-    """Decode the image member ``<stem>.png``/``.jpg`` of a raw sample to an RGB PIL image
-    (``mask=True``: a single-channel ``L`` image, e.g. a target's foreground mask).
-
-    Raises :class:`BadSample` when the member is missing or cannot be decoded.
-    """
+@contextlib.contextmanager
+def _open_image(raw: Mapping[str, Any], stem: str):
+    """The image member ``<stem>.png``/``.jpg`` opened lazily by PIL; any failure to read it
+    (missing, undecodable) is a :class:`BadSample`."""
     from PIL import Image, UnidentifiedImageError
-
-    from ..processing import to_rgb
 
     name = image_member(raw, stem)
     if name is None:
         raise BadSample(f"Sample {raw.get('__key__')!r} has no {stem or 'png'} image member.")
     try:
         with Image.open(io.BytesIO(raw[name])) as im:
-            im.load()
-            if mask:
-                return im.convert("L")
-            return to_rgb(im.copy() if im.mode != "P" else im.convert("RGBA"))
+            yield im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"Sample {raw.get('__key__')!r}: cannot decode {name} ({e}).") from e
+
+
+def decode_image(raw: Mapping[str, Any], stem: str = "", *, mask: bool = False):
+    """Decode the image member ``<stem>.png``/``.jpg`` of a raw sample to an RGB PIL image
+    (``mask=True``: a single-channel ``L`` image, e.g. a target's foreground mask).
+
+    Raises :class:`BadSample` when the member is missing or cannot be decoded.
+    """
+    from ..processing import to_rgb
+
+    with _open_image(raw, stem) as im:
+        im.load()
+        if mask:
+            return im.convert("L")
+        return to_rgb(im.copy() if im.mode != "P" else im.convert("RGBA"))
+
+
+def image_size(raw: Mapping[str, Any], stem: str = "") -> tuple[int, int]:
+    """(width, height) of an image member, read from its header without decoding the pixels."""
+    with _open_image(raw, stem) as im:
+        return im.size

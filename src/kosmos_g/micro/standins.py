@@ -550,7 +550,7 @@ def _scenes_and_images(
     """``n`` random scenes, their (n, S, S, 3) uint8 renders and (n, S, S) bool object masks."""
     scenes = [world.sample_scene(rng) for _ in range(n)]
     results = [world.render(s, size) for s in scenes]
-    masks = [np.logical_or.reduce(r.masks) if r.masks else np.zeros((size, size), bool) for r in results]
+    masks = [world.foreground(r) > 0 for r in results]
     return scenes, np.stack([r.image for r in results]), np.stack(masks)
 
 

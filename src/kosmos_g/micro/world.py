@@ -628,12 +628,13 @@ def edit_sample(
     """
     scene = sample_scene(rng, exclude_held_out=exclude_held_out)
     src, tgt, instruction = make_edit(rng, scene, exclude_held_out=exclude_held_out)
-    target = render(tgt, target_size or size)
+    source, target = render(src, size), render(tgt, target_size or size)
     sample = {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction},
-        "src.png": render(src, size).image,
+        "src.png": source.image,
         "tgt.png": target.image,
     }
     if with_foreground:
-        sample["tgt_fg.png"] = foreground(target, render(src, target_size or size))
+        at_target_size = source if (target_size or size) == size else render(src, target_size)
+        sample["tgt_fg.png"] = foreground(target, at_target_size)
     return sample

@@ -25,7 +25,6 @@ and do not depend on how samples are spread over processes.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +36,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.shards import BadSample, decode_image, image_member, iter_shard, validate_sample
+from ..data.shards import BadSample, decode_image, image_member, image_size, iter_shard, validate_sample
 from ..processing import KosmosGProcessor
 from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
@@ -160,7 +159,7 @@ class Stage3Builder:
             example["target"] = preprocess_target(target, self.resolution)
         if self.foreground_weight != 1.0 and image_member(raw, _MASK_STEM[kind]) is not None:
             mask = decode_image(raw, _MASK_STEM[kind], mask=True)
-            size = target.size if target is not None else _image_size(raw, _TARGET_STEM[kind])
+            size = target.size if target is not None else image_size(raw, _TARGET_STEM[kind])
             if mask.size != size:
                 raise BadSample(f"{kind} sample {raw['__key__']!r}: foreground mask {_MASK_STEM[kind]} is "
                                 f"{mask.size[0]}x{mask.size[1]} but its target is {size[0]}x{size[1]}; "
@@ -168,15 +167,6 @@ class Stage3Builder:
             example["loss_weight"] = foreground_weights(mask, self.resolution, self.latent_factor,
                                                         self.foreground_weight)
         return example
-
-
-def _image_size(raw: dict[str, Any], stem: str) -> tuple[int, int]:
-    """(width, height) of an image member from its header alone (a cached target is not decoded)."""
-    try:
-        with Image.open(io.BytesIO(raw[image_member(raw, stem)])) as im:
-            return im.size
-    except Exception as e:  # noqa: BLE001 - any unreadable header is a bad sample
-        raise BadSample(f"Sample {raw.get('__key__')!r}: cannot read the size of its {stem or 'png'} image ({e}).") from e
 
 
 @torch.no_grad()
