@@ -30,13 +30,16 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
         # stages 1-2 on one thread beside it, stage 3 as 2 data-parallel processes (accelerate launch)
         assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
     assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
-                                      "stage3", "release"}
+                                      "micro-sd-continue", "stage3", "release"}
     # micro-SD is three runs, each continuing from the U-Net of the one before
     runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"]
             for name in ("sd-phase1", "sd-phase2", "sd")]
     assert [(r["steps"], r["seed"], r["resumed_from"]) for r in runs] == [
         (3, 0, None), (2, 1, str(smoke_run / "sd-phase1" / "unet")), (1, 1, str(smoke_run / "sd-phase2" / "unet"))]
     assert {(r["lr"], r["warmup"]) for r in runs[1:]} == {(5e-4, 50)}
+    # the first run shares the cores with stages 1-2; the continuations, after them, take them all
+    threads = min(2, os.cpu_count() or 1)
+    assert [r["threads"] for r in runs] == [1, threads, threads]
     for stage in ("stage1", "stage2", "stage3"):
         summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
         assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI

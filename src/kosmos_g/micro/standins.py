@@ -750,7 +750,8 @@ def train_micro_sd(
                       ema_decay=ema_decay, seed=seed, warmup=warmup,
                       resumed_from=None if resume_unet is None else str(resume_unet),
                       resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()),
-                      parameters=sum(p.numel() for p in unet.parameters()))
+                      parameters=sum(p.numel() for p in unet.parameters()),
+                      threads=torch.get_num_threads())  # results are exact for a seed and thread count
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir
 

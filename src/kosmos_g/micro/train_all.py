@@ -49,7 +49,8 @@ class Budget:
     sd_continue_steps: tuple[int, ...] = (1500, 1500)
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
-    ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``."""
+    ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``. ``train-all`` trains them after
+    stages 1-2, on every thread."""
     stage1_steps: int | None = None
     """None: the ``micro-stage1`` recipe's ``train.max_steps`` (likewise for stages 2 and 3)."""
     stage2_steps: int | None = None
@@ -267,33 +268,41 @@ def release(out: str | os.PathLike, dest: str | os.PathLike | None = None) -> Pa
     return dest
 
 
-def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True) -> Path:
+def _sd_folders(out: Path, budget: Budget) -> list[Path]:
+    """micro-SD's run folders: ``sd-phase1/``, ``sd-phase2/``, ... and the last run's ``sd/``."""
+    runs = 1 + len(budget.sd_continue_steps)
+    return [out / f"sd-phase{i}" for i in range(1, runs)] + [out / "sd"]
+
+
+def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *, first_only: bool = False) -> Path:
     """micro-SD into ``out/sd``: a first run, then one continuation per entry of
     ``budget.sd_continue_steps``; every run but the last goes to ``out/sd-phase<i>``. Each run
     is skipped when its folder exists, so an interrupted ``train-all`` resumes at the run it
-    was in."""
+    was in. ``first_only``: only the first run (``train-all`` runs it beside stages 1-2 and the
+    continuations after them, on every thread). Returns the last folder trained."""
     from .standins import train_micro_sd
 
     out = Path(out)
-    runs = 1 + len(budget.sd_continue_steps)
-    folders = [out / f"sd-phase{i}" for i in range(1, runs)] + [out / "sd"]
+    folders = _sd_folders(out, budget)
     if not folders[0].exists():
         train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch,
                        resolution=budget.sd_resolution, progress=progress)
+    if first_only:
+        return folders[0]
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
             train_micro_sd(folder, out / "clip", steps=steps, batch_size=budget.sd_batch, lr=5e-4, warmup=50,
                            seed=1, resume_unet=previous / "unet", resolution=budget.sd_resolution,
                            progress=progress)
-    return out / "sd"
+    return folders[-1]
 
 
 def _train_sd_process(out: str, budget: Budget, progress: bool) -> None:
-    """micro-SD on one thread, in a child process (runs beside stages 1 and 2)."""
+    """micro-SD's first run on one thread, in a child process (runs beside stages 1 and 2)."""
     import torch
 
     torch.set_num_threads(1)
-    train_sd(out, budget, progress)
+    train_sd(out, budget, progress, first_only=True)
 
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
@@ -301,15 +310,17 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     """Run every step into ``out`` (see the module docstring); returns and writes
     ``out/train_all.json`` with each step's wall seconds (0 for a step found done).
 
-    With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD trains in a
-    child process on one thread while stages 1 and 2 (which do not need it) run here on
-    another, and stage 3 (and stages 1-2 when micro-SD is already done) runs as ``threads``
-    one-thread data-parallel processes under ``accelerate launch``: on a 2-core laptop two
-    one-thread jobs do nearly twice the work of one two-thread job (small convolutions and
-    matmuls scale poorly across threads; stage 3 measured 0.79 s/step as 2 processes
-    against 1.54 s/step on one thread, and two threads in one process give only ~1.25x). The recipes fix ``data.streams``, so the
-    global batches are the same for 1 or 2 processes; float results still differ slightly
-    with the process and thread counts. micro-CLIP trains on ``threads`` threads.
+    With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's first run trains
+    in a child process on one thread while stages 1 and 2 (which do not need it) run here on
+    another; micro-SD's continuations then train here on ``threads`` threads (micro-SD's 32-px
+    batch of 32: ~0.75 s/step on one thread, 0.51 on two), and stage 3 (and stages 1-2 when
+    micro-SD's first run is already done) runs as ``threads`` one-thread data-parallel processes
+    under ``accelerate launch``: on a 2-core laptop two one-thread jobs do nearly twice the work
+    of one two-thread job (small convolutions and matmuls scale poorly across threads; stage 3
+    measured 0.79 s/step as 2 processes against 1.54 s/step on one thread, and two threads in
+    one process give only ~1.25x). The recipes fix ``data.streams``, so the global batches are
+    the same for 1 or 2 processes; float results still differ slightly with the process and
+    thread counts. micro-CLIP trains on ``threads`` threads.
     """
     import multiprocessing
 
@@ -345,13 +356,13 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
         out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, progress=progress))
     sd_job = None
     sd_start = time.time()
-    if threads >= 2 and not (out / "sd").exists():
+    if threads >= 2 and not _sd_folders(out, budget)[0].exists():
         sd_job = multiprocessing.get_context("spawn").Process(
             target=_train_sd_process, args=(str(out), budget, progress), name="micro-sd")
         sd_job.start()
         torch.set_num_threads(1)
     else:
-        step("micro-sd", out / "sd", lambda: train_sd(out, budget, progress))
+        step("micro-sd", _sd_folders(out, budget)[0], lambda: train_sd(out, budget, progress, first_only=True))
     try:
         step("shards", out / "shards" / "DONE", lambda: (write_shards(out / "shards", budget, progress=progress),
                                                          (out / "shards" / "DONE").touch()))
@@ -371,6 +382,8 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     finally:
         if sd_job is not None and sd_job.is_alive():
             sd_job.terminate()
+    if budget.sd_continue_steps:  # after stages 1-2, on every thread
+        step("micro-sd-continue", out / "sd", lambda: train_sd(out, budget, progress))
     if not (out / "stage3" / "final").exists():
         record.setdefault("stage_processes", {})["stage3"] = threads
     step("stage3", out / "stage3" / "final", lambda: _train_stage(
