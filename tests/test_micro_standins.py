@@ -295,6 +295,36 @@ def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
         S.train_micro_sd(tmp_path / "sd", tmp_path / "missing", smoke=True, progress=False)
 
 
+def test_interrupted_micro_sd_run_resumes_to_the_same_weights(tmp_path, clip_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    whole = S.train_micro_sd(tmp_path / "whole", clip_dir, smoke=True, progress=False)  # 4 steps, no checkpoint
+    clip_grad = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def power_cut_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return clip_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", power_cut_at_step_3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        S.train_micro_sd(tmp_path / "cut", clip_dir, smoke=True, progress=False, checkpoint_every=2)
+    monkeypatch.undo()
+    partial = tmp_path / ".cut.partial.pt"
+    assert partial.is_file() and not (tmp_path / "cut").exists()
+    assert torch.load(partial, weights_only=True)["step"] == 2
+    with pytest.raises(ValueError, match=r"other arguments \(differing: \['lr'\]\)"):
+        S.train_micro_sd(tmp_path / "cut", clip_dir, smoke=True, progress=False, checkpoint_every=2, lr=1e-4)
+    cut = S.train_micro_sd(tmp_path / "cut", clip_dir, smoke=True, progress=False, checkpoint_every=2)
+    assert not partial.exists()
+    a, b = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads((d / "train_log.json").read_text())["log"] for d in (whole, cut)]
+    assert [(r["step"], r["loss"]) for r in logs[0]] == [(r["step"], r["loss"]) for r in logs[1]]
+
+
 @pytest.mark.parametrize("module", [T, S])
 def test_docstring_examples_run(module):
     import doctest

@@ -643,6 +643,7 @@ def train_micro_sd(
     log_every: int = 50,
     resume_unet: str | os.PathLike | None = None,
     resolution: int = SD_SIZE,
+    checkpoint_every: int = 250,
 ) -> Path:
     """Train micro-SD text-to-image in pixel space at ``resolution`` (default
     :data:`SD_SIZE`): a U-Net conditioned on
@@ -659,6 +660,11 @@ def train_micro_sd(
     ``model_index.json`` (``vae`` null: the U-Net's samples are the images, in [-1, 1]), and
     ``train_log.json``. ``resume_unet`` starts from a saved ``unet/`` folder instead of
     random weights (e.g. to continue a run). ``smoke=True``: a tiny U-Net, 4 steps of batch 4.
+
+    Every ``checkpoint_every`` steps the whole training state (weights, EMA, optimizer,
+    schedule, both random generators) is written atomically to ``.<out_dir name>.partial.pt``
+    beside ``out_dir``; a call with the same arguments resumes from it (to the same weights
+    as an uninterrupted run on the same thread count) and deletes it when done. 0: never.
 
     Example:
         >>> import tempfile
@@ -706,9 +712,20 @@ def train_micro_sd(
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
+    recipe = dict(steps=steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
+                  prediction_type=prediction_type, snr_gamma=snr_gamma, object_weight=object_weight,
+                  ema_decay=ema_decay, seed=seed, warmup=warmup,
+                  resumed_from=None if resume_unet is None else str(resume_unet),
+                  resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()),
+                  parameters=sum(p.numel() for p in unet.parameters()))
+    partial = out_dir.parent / f".{out_dir.name}.partial.pt"
     log: list[dict[str, float]] = []
-    bar = tqdm(range(steps), desc="micro-SD", disable=not progress)
-    t0 = time.time()
+    start, elapsed = 0, 0.0
+    if partial.is_file():
+        start, elapsed, log = _load_sd_partial(partial, recipe, unet=unet, ema=ema, opt=opt, sched=sched, rng=rng)
+        logger.info("micro-SD: resuming %s at step %d of %d", partial, start, steps)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="micro-SD", disable=not progress)
+    t0 = time.time() - elapsed
     for step in bar:
         scenes, images, masks = _scenes_and_images(rng, batch_size, resolution)
         weight = 1.0 + (object_weight - 1.0) * torch.from_numpy(masks).float()[:, None]  # (B, 1, S, S)
@@ -740,20 +757,50 @@ def train_micro_sd(
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, "loss": loss.item(), "time_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_sd_partial(partial, recipe, step + 1, time.time() - t0, log,
+                             unet=unet, ema=ema, opt=opt, sched=sched, rng=rng)
     unet.load_state_dict(ema)
     unet.eval()
     with atomic_dir(out_dir) as tmp:
         save_micro_sd(tmp, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                       scheduler=micro_scheduler(prediction_type))
-        recipe = dict(steps=steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
-                      prediction_type=prediction_type, snr_gamma=snr_gamma, object_weight=object_weight,
-                      ema_decay=ema_decay, seed=seed, warmup=warmup,
-                      resumed_from=None if resume_unet is None else str(resume_unet),
-                      resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()),
-                      parameters=sum(p.numel() for p in unet.parameters()),
-                      threads=torch.get_num_threads())  # results are exact for a seed and thread count
+        recipe["threads"] = torch.get_num_threads()  # results are exact for a seed and thread count
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
+    partial.unlink(missing_ok=True)
     return out_dir
+
+
+def _save_sd_partial(path: Path, recipe: dict[str, Any], step: int, elapsed: float, log: list[dict[str, float]],
+                     *, unet, ema, opt, sched, rng: np.random.Generator) -> None:
+    """Write micro-SD's whole training state after ``step`` steps (atomically: a crash while
+    writing keeps the previous one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"recipe": recipe, "step": step, "elapsed": elapsed, "log": log, "unet": unet.state_dict(),
+                "ema": ema, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_sd_partial(path: Path, recipe: dict[str, Any], *, unet, ema, opt, sched,
+                     rng: np.random.Generator) -> tuple[int, float, list[dict[str, float]]]:
+    """Restore what :func:`_save_sd_partial` wrote into the fresh objects; returns
+    ``(step, elapsed seconds, log)``. A state from other arguments is refused, not mixed in."""
+    state = torch.load(path, weights_only=True)
+    if state["recipe"] != recipe:
+        diff = sorted(k for k in recipe.keys() | state["recipe"].keys()
+                      if recipe.get(k) != state["recipe"].get(k))
+        raise ValueError(f"{path} holds a partial micro-SD run with other arguments (differing: {diff}); "
+                         f"call again with the arguments it was started with to resume it, or delete it "
+                         f"to start over.")
+    unet.load_state_dict(state["unet"])
+    for k, v in state["ema"].items():
+        ema[k].copy_(v)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.bit_generator.state = state["numpy_rng"]
+    return state["step"], state["elapsed"], state["log"]
 
 
 def save_micro_sd(path: str | os.PathLike, *, unet, text_encoder, tokenizer, scheduler) -> Path:

@@ -11,8 +11,8 @@
    ``examples/``.
 
 Every step writes its folder atomically and is skipped when the folder exists, so an
-interrupted run continues where it stopped (a stage in progress resumes from its last
-checkpoint). Seeds are fixed; ``train_all.json`` records each step's wall time.
+interrupted run continues where it stopped (a stage or micro-SD run in progress resumes
+from its last checkpoint). Seeds are fixed; ``train_all.json`` records each step's wall time.
 
 Example:
     >>> summary = train_all("runs/micro", smoke=True)  # doctest: +SKIP
