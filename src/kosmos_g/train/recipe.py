@@ -223,6 +223,13 @@ class Stage3Spec:
     read from the sample's optional foreground mask (``fg.png`` / ``tgt_fg.png``, see
     docs/data-format.md); each sample's weights are scaled to mean 1. 1.0 (the paper): a
     plain mean, masks ignored. Samples without a mask weigh every pixel alike."""
+    text_align_weight: float = 0.0
+    """Weight of an extra loss (not in the paper; 0: off): the MSE between a compositional
+    sample's condition and the frozen SD text encoder's ``last_hidden_state`` of its full
+    caption (the words its crops stand for, read from ``sd_path``'s ``text_encoder/`` and
+    ``tokenizer/``), added to the denoising loss of those samples. It tells the image path
+    directly what condition the words give, where the denoising loss only says so through
+    the U-Net's pixels."""
     max_caption_tokens: int = 128
     """Caption samples longer than this (MLLM tokens) are filtered, as the official loader does."""
     min_caption_image_size: int = 0
@@ -240,6 +247,8 @@ class Stage3Spec:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"stage3.{name} must be in [0, 1], got {value}.")
+        if not self.text_align_weight >= 0:
+            raise ValueError(f"stage3.text_align_weight must be >= 0 (0: off), got {self.text_align_weight}.")
         if not self.foreground_weight > 0:
             raise ValueError(f"stage3.foreground_weight must be > 0 (1.0: off), got {self.foreground_weight}.")
         if self.resolution <= 0 or self.resolution % 8:

@@ -49,6 +49,22 @@ def load_clip_text(path: str):
     return encoder, tokenizer
 
 
+def check_clip_text(clip, aligner_config, path) -> None:
+    """Refuse a CLIP text encoder whose states AlignerNet's condition cannot be compared with."""
+    length = aligner_config.num_queries
+    if clip.config.max_position_embeddings < length or clip.config.hidden_size != aligner_config.output_dim:
+        raise ValueError(
+            f"CLIP text encoder at {path} gives width {clip.config.hidden_size} and at most "
+            f"{clip.config.max_position_embeddings} tokens; AlignerNet outputs "
+            f"{length} x {aligner_config.output_dim}."
+        )
+
+
+def clip_ids(clip_tokenizer, text: str, length: int) -> list[int]:
+    """The CLIP ids of ``text`` padded (or cut) to ``length``: what SD pipelines feed the text encoder."""
+    return clip_tokenizer(text, padding="max_length", max_length=length, truncation=True).input_ids
+
+
 class Stage2Builder:
     """Caption -> MLLM prompt + CLIP ids, with the paper's length filters (DataLoader workers)."""
 
@@ -71,9 +87,8 @@ class Stage2Builder:
         if len(pieces) > self.max_mllm_tokens:
             raise SampleFiltered
         ids = [self.processor.tokenizer.bos_id] + pieces
-        clip_ids = self.clip_tokenizer(text, padding="max_length", max_length=self.length,
-                                       truncation=True).input_ids
-        return {"prompt": ProcessedPrompt(ids, [False] * len(ids), []), "clip_ids": clip_ids}
+        return {"prompt": ProcessedPrompt(ids, [False] * len(ids), []),
+                "clip_ids": clip_ids(self.clip_tokenizer, text, self.length)}
 
 
 class AlignModule(nn.Module):
@@ -113,15 +128,9 @@ class Stage2(Stage):
             for name in ("encoder", "decoder", "recon_decoder", "recon_encoder"):
                 checkpoint_blocks(getattr(self.model.aligner, name))
         self.clip, clip_tokenizer = load_clip_text(spec.clip_path)
+        check_clip_text(self.clip, self.model.config.aligner, spec.clip_path)
         self.clip.requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
         length = self.model.config.aligner.num_queries
-        if self.clip.config.max_position_embeddings < length or self.clip.config.hidden_size != \
-                self.model.config.aligner.output_dim:
-            raise ValueError(
-                f"CLIP text encoder at {spec.clip_path} gives width {self.clip.config.hidden_size} and at most "
-                f"{self.clip.config.max_position_embeddings} tokens; AlignerNet outputs "
-                f"{length} x {self.model.config.aligner.output_dim}."
-            )
         self.model.to(self.device)  # the frozen MLLM runs in prepare_batch; the module holds the aligner
         self.module = AlignModule(self.model.aligner, spec.reconstruction_weight)
         self.builder = Stage2Builder(self.processor, clip_tokenizer, length=length,

@@ -17,6 +17,8 @@ Samples are mixed by weight (paper: caption : edit : compositional = 1 : 2 : 2):
 
 ``stage3.foreground_weight`` (not in the paper; default 1, off) weighs the pixels of a
 target's optional foreground mask more in the loss (docs/data-format.md).
+``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for compositional
+samples, the MSE between the condition and the SD text encoder's states of the full caption.
 
 Every random choice of a sample (caption drop, placements, crops, timestep, noise,
 null-condition dropout) comes from that sample's own generator, so runs resume exactly
@@ -42,6 +44,7 @@ from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
 from .latents import LatentCache
 from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
+from .stage2 import check_clip_text, clip_ids, load_clip_text
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,8 @@ class Stage3Builder:
     def __init__(self, processor: KosmosGProcessor, *, resolution: int, caption_drop: float,
                  entity_replace_prob: float, white_crop_prob: float, cond_dropout: float,
                  num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
-                 latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1) -> None:
+                 latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1,
+                 clip_tokenizer=None, clip_length: int = 77) -> None:
         self.processor = processor
         self.resolution = resolution
         self.caption_drop = caption_drop
@@ -121,6 +125,9 @@ class Stage3Builder:
         self.latent_cache = latent_cache
         self.foreground_weight = foreground_weight
         self.latent_factor = latent_factor
+        self.clip_tokenizer = clip_tokenizer
+        """Set (``stage3.text_align_weight``): compositional samples carry their caption's CLIP ids."""
+        self.clip_length = clip_length
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
         meta = validate_sample(raw)
@@ -149,6 +156,8 @@ class Stage3Builder:
             segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
                                               white_prob=self.white_crop_prob,
                                               max_images=self.processor.max_images)
+            if self.clip_tokenizer is not None:
+                example["clip_ids"] = clip_ids(self.clip_tokenizer, meta["caption"], self.clip_length)
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
@@ -203,13 +212,15 @@ def draw_pixel_noise(pixels: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.
 class DiffusionModule(nn.Module):
     """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
 
-    def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str]) -> None:
+    def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
+                 text_align_weight: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
         self.noise_scheduler = noise_scheduler
         self.prediction_type = prediction_type
         self.source_names = list(source_names)
+        self.text_align_weight = text_align_weight
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
@@ -217,6 +228,9 @@ class DiffusionModule(nn.Module):
         cond = self.model.encode(batch["input_ids"], batch["attention_mask"], pixels if pixels.shape[0] else None,
                                  batch["image_mask"])  # (B, 77, D)
         cond = keep_image_weights_in_graph(self.model, cond, pixels)
+        align = None
+        if batch.get("text_target") is not None:  # (B, 77, D); rows without a caption have align_mask False
+            align = (cond.float() - batch["text_target"].float()).pow(2).mean(dim=(1, 2)) * batch["align_mask"]
         null = self.model.unconditional(1).to(cond.dtype)  # (1, 77, D): "<s>" alone
         cond = torch.where(batch["drop"][:, None, None], null, cond)
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
@@ -231,10 +245,14 @@ class DiffusionModule(nn.Module):
             err = err * batch["loss_weight"]
         per = err.mean(dim=(1, 2, 3))  # (B,)
         n = torch.tensor(per.shape[0], device=per.device)
-        out = {"loss": (per.sum(), n)}
-        for k, name in enumerate(self.source_names):
+        out = {}
+        for k, name in enumerate(self.source_names):  # the denoising loss alone, per source
             hit = batch["source_ids"] == k
             out[f"loss/{name}"] = ((per * hit).sum(), hit.sum())
+        if align is not None:
+            out["align"] = (align.sum(), batch["align_mask"].sum())
+            per = per + self.text_align_weight * align
+        out["loss"] = (per.sum(), n)
         return out
 
 
@@ -248,6 +266,8 @@ class Stage3(Stage):
 
         spec = recipe.stage3
         self.metric_names = tuple(f"loss/{s.name}" for s in self.sources if s.weight > 0)
+        if spec.text_align_weight > 0:
+            self.metric_names += ("align",)
         self.model, self.processor = load_kosmos_g(recipe.model)
         self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
                                        vision_last_block=spec.train_vision_last_block)
@@ -294,15 +314,21 @@ class Stage3(Stage):
             self.cache = LatentCache(spec.latent_cache, {
                 "vae": str(sd.resolve() / "vae"), "resolution": spec.resolution,
                 "latent_channels": self.vae.config.latent_channels})
+        self.text_encoder, clip_tokenizer = None, None
+        if spec.text_align_weight > 0:
+            self.text_encoder, clip_tokenizer = load_clip_text(str(sd))
+            check_clip_text(self.text_encoder, self.model.config.aligner, sd)
+            self.text_encoder.requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
         self.source_names = [s.name for s in self.sources]
         self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
-                                      self.source_names)
+                                      self.source_names, text_align_weight=spec.text_align_weight)
         self.builder = Stage3Builder(
             self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
             cond_dropout=spec.cond_dropout, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
             max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
-            latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor)
+            latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor,
+            clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries)
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -317,6 +343,10 @@ class Stage3(Stage):
         if any("loss_weight" in ex for ex in examples):  # samples without a mask weigh every pixel alike
             shape = next(ex["loss_weight"].shape for ex in examples if "loss_weight" in ex)
             batch["loss_weight"] = torch.stack([ex.get("loss_weight", torch.ones(shape)) for ex in examples])
+        if self.text_encoder is not None:  # text_align_weight: only compositional samples carry CLIP ids
+            length = self.model.config.aligner.num_queries
+            batch["clip_ids"] = torch.tensor([ex.get("clip_ids", [0] * length) for ex in examples], dtype=torch.long)
+            batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
         return batch
 
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -339,8 +369,11 @@ class Stage3(Stage):
             latents, noise = draw_pixel_noise(torch.stack(params), batch["seeds"].tolist())
         else:
             latents, noise = draw_latents(torch.stack(params), batch["seeds"].tolist(), self.scaling)
-        out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds")}
+        out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds", "clip_ids")}
         out["latents"], out["noise"] = latents, noise
+        if self.text_encoder is not None:
+            with self.accelerator.autocast():
+                out["text_target"] = self.text_encoder(input_ids=batch["clip_ids"].to(self.device)).last_hidden_state
         return out
 
     # ------------------------------------------------------------------ latent cache
