@@ -46,7 +46,7 @@ class Budget:
     sd_batch: int = 32
     sd_resolution: int = 32
     """micro-SD's resolution (= :data:`.standins.SD_SIZE`); stage-3 targets are rendered at it."""
-    sd_continue_steps: tuple[int, ...] = (1500, 1500)
+    sd_continue_steps: tuple[int, ...] = (1500, 1500, 1500)
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
     ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``. ``train-all`` trains them after
