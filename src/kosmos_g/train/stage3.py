@@ -344,8 +344,7 @@ class Stage3(Stage):
             shape = next(ex["loss_weight"].shape for ex in examples if "loss_weight" in ex)
             batch["loss_weight"] = torch.stack([ex.get("loss_weight", torch.ones(shape)) for ex in examples])
         if self.text_encoder is not None:  # text_align_weight: only compositional samples carry CLIP ids
-            length = self.model.config.aligner.num_queries
-            batch["clip_ids"] = torch.tensor([ex.get("clip_ids", [0] * length) for ex in examples], dtype=torch.long)
+            batch["clip_ids"] = [ex.get("clip_ids") for ex in examples]
             batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
         return batch
 
@@ -371,9 +370,15 @@ class Stage3(Stage):
             latents, noise = draw_latents(torch.stack(params), batch["seeds"].tolist(), self.scaling)
         out = {k: v for k, v in batch.items() if k not in ("cached", "targets", "keys", "seeds", "clip_ids")}
         out["latents"], out["noise"] = latents, noise
-        if self.text_encoder is not None:
-            with self.accelerator.autocast():
-                out["text_target"] = self.text_encoder(input_ids=batch["clip_ids"].to(self.device)).last_hidden_state
+        if self.text_encoder is not None:  # encode only the rows that have a caption; the rest stay 0 (masked)
+            rows = [i for i, ids in enumerate(batch["clip_ids"]) if ids is not None]
+            width = self.text_encoder.config.hidden_size
+            target = torch.zeros(len(batch["clip_ids"]), self.builder.clip_length, width, device=self.device)
+            if rows:
+                ids = torch.tensor([batch["clip_ids"][i] for i in rows], dtype=torch.long, device=self.device)
+                with self.accelerator.autocast():
+                    target[rows] = self.text_encoder(input_ids=ids).last_hidden_state.float()
+            out["text_target"] = target
         return out
 
     # ------------------------------------------------------------------ latent cache
