@@ -241,10 +241,21 @@ def test_sample_builders_follow_the_data_format():
     assert set(comp) == {"json", "tgt.png"} | {f"e{i}_{k}.png" for i in range(n) for k in ("square", "white")}
     for e in meta["entities"]:
         assert meta["caption"][e["start"]:e["end"]] == e["text"] and len(e["text"].split()) == 3
-    edit = w.edit_sample(rng)
-    assert set(edit) == {"json", "src.png", "tgt.png"}
-    assert edit["json"]["kind"] == "edit" and edit["json"]["instruction"] and edit["json"]["caption"]
-    assert not np.array_equal(edit["src.png"], edit["tgt.png"])
+    for seed in range(20):
+        edit = w.edit_sample(np.random.default_rng(seed))
+        assert set(edit) == {"json", "src.png", "tgt.png"}
+        meta = edit["json"]
+        assert meta["kind"] == "edit" and meta["instruction"] and meta["caption"]
+        assert not np.array_equal(edit["src.png"], edit["tgt.png"])
+        replay = np.random.default_rng(seed)  # the scenes behind the sample, to check both captions
+        src, tgt, _ = w.make_edit(replay, w.sample_scene(replay, exclude_held_out=True), exclude_held_out=True)
+        assert np.array_equal(w.render(tgt).image, edit["tgt.png"])
+        for scene, caption in ((src, meta["caption"]), (tgt, meta["target_caption"])):
+            assert f"a {scene.background} background" in caption
+            assert caption.count(" background") == 1
+            assert sum(caption.count(f"a {size} ") for size in w.SIZES) == len(scene.objects)
+            for obj in scene.objects:
+                assert f"a {obj.size} {obj.entity_text()} {w.POSITION_PHRASES[obj.position]}" in caption
 
 
 def test_foreground_masks_are_the_targets_objects_and_draw_nothing():

@@ -113,6 +113,8 @@ def test_member_names_split_like_webdataset():
     ({"__key__": "k", "json": b'{"kind": "caption", "caption": 3}', "png": b""}, "caption"),
     ({"__key__": "k", "json": b'{"kind": "edit", "caption": "x", "instruction": "y", "src.png": 1}',
       "src.png": b""}, "tgt.png"),
+    ({"__key__": "k", "json": b'{"kind": "edit", "caption": "x", "instruction": "y", "target_caption": 1}',
+      "src.png": b"", "tgt.png": b""}, "target_caption"),
     ({"__key__": "k", "json": b'{"kind": "interleaved", "segments": [{"image": 0}]}'}, "0.png"),
     ({"__key__": "k", "json": b'{"kind": "interleaved", "segments": [{"video": 0}]}'}, "bad segment"),
     ({"__key__": "k", "json": json.dumps({"kind": "compositional", "caption": "a cat",

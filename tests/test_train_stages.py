@@ -476,9 +476,10 @@ def test_stage3_loss_weight_is_a_per_pixel_weighted_mean(world, tmp_path):
         stage.builder(bad, np.random.default_rng(0), "edit")
 
 
-def test_stage3_text_align_adds_the_caption_states_mse_for_compositional_samples(world, tmp_path):
-    """``text_align_weight`` adds w x MSE(condition, SD text states of the full caption) for
-    compositional samples only; at 0 (the paper) nothing is computed and the loss is unchanged."""
+def test_stage3_text_align_adds_the_caption_states_mse_for_samples_with_a_target_caption(world, tmp_path):
+    """``text_align_weight`` adds w x MSE(condition, SD text states of the target's caption) for
+    compositional samples and edits that carry a ``target_caption`` only; at 0 (the paper)
+    nothing is computed and the loss is unchanged."""
     from accelerate import Accelerator
 
     from kosmos_g.data.shards import iter_shards as shards_of
@@ -496,24 +497,27 @@ def test_stage3_text_align_adds_the_caption_states_mse_for_compositional_samples
 
     on, off = stage_with(2.0), stage_with(0.0)
     raws = [(raw, "compositional") for raw in list(shards_of(expand_shards(world["shards"]["compositional"])))[:3]]
-    raws.append((next(iter(shards_of(expand_shards(world["shards"]["edit"])))), "edit"))
+    edits = list(shards_of(expand_shards(world["shards"]["edit"])))[:2]
+    meta = json.loads(edits[0]["json"])
+    meta["target_caption"] = "a large red striped circle on the left, on a green background"
+    raws += [({**edits[0], "json": json.dumps(meta).encode()}, "edit"), (edits[1], "edit")]
     examples = [on.builder(raw, np.random.default_rng(i), src) for i, (raw, src) in enumerate(raws)]
-    assert ["clip_ids" in ex for ex in examples] == [True, True, True, False]
+    assert ["clip_ids" in ex for ex in examples] == [True, True, True, True, False]
     batch = on.prepare_batch(on.collate(examples))
-    assert batch["align_mask"].tolist() == [True, True, True, False]
+    assert batch["align_mask"].tolist() == [True, True, True, True, False]
     with torch.no_grad():
         got = on.module(batch)
         plain = off.module({k: v for k, v in batch.items() if k not in ("text_target", "align_mask")})
         encoder, tokenizer = load_clip_text(str(world["sd"]))
         length = on.model.config.aligner.num_queries
-        captions = [json.loads(raw["json"])["caption"] for raw, _ in raws[:3]]
+        captions = [json.loads(raw["json"])["caption"] for raw, _ in raws[:3]] + [meta["target_caption"]]
         ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                         return_tensors="pt").input_ids
-        want_states = encoder(input_ids=ids).last_hidden_state  # (3, L, D)
+        want_states = encoder(input_ids=ids).last_hidden_state  # (4, L, D)
         cond = on.model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                               batch["image_mask"])[:3]
+                               batch["image_mask"])[:4]
     want = (cond - want_states).pow(2).mean(dim=(1, 2)).sum()
-    assert got["align"][1].item() == 3 and torch.allclose(got["align"][0], want, rtol=1e-5)
+    assert got["align"][1].item() == 4 and torch.allclose(got["align"][0], want, rtol=1e-5)
     assert torch.allclose(got["loss"][0], plain["loss"][0] + 2.0 * want, rtol=1e-5)
     assert got["loss/edit"] == plain["loss/edit"]  # per-source metrics stay the denoising loss
     assert "align" not in plain and off.text_encoder is None and "align" not in off.metric_names

@@ -360,6 +360,8 @@ def validate_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
     elif kind == "edit":
         _require_str(meta, "caption", kind, key)
         _require_str(meta, "instruction", kind, key)
+        if "target_caption" in meta:
+            _require_str(meta, "target_caption", kind, key)
         _require_image(raw, "src", kind)
         _require_image(raw, "tgt", kind)
     elif kind == "compositional":

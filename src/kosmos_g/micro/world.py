@@ -617,7 +617,8 @@ def edit_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
     exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
-    """An ``edit`` sample: the source caption and instruction, ``"src.png"`` and ``"tgt.png"``;
+    """An ``edit`` sample: the source caption, the instruction and the edited scene's caption
+    (``target_caption``), ``"src.png"`` and ``"tgt.png"``;
     ``with_foreground``: also ``"tgt_fg.png"``, the objects of the target *and* the source
     at the target's size (a removed or moved object's old place is where the edit shows).
 
@@ -630,7 +631,8 @@ def edit_sample(
     src, tgt, instruction = make_edit(rng, scene, exclude_held_out=exclude_held_out)
     source, target = render(src, size), render(tgt, target_size or size)
     sample = {
-        "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction},
+        "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction,
+                 "target_caption": tgt.caption(rng)},
         "src.png": source.image,
         "tgt.png": target.image,
     }

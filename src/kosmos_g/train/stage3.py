@@ -17,8 +17,9 @@ Samples are mixed by weight (paper: caption : edit : compositional = 1 : 2 : 2):
 
 ``stage3.foreground_weight`` (not in the paper; default 1, off) weighs the pixels of a
 target's optional foreground mask more in the loss (docs/data-format.md).
-``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for compositional
-samples, the MSE between the condition and the SD text encoder's states of the full caption.
+``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for every sample whose
+target has a caption (compositional samples; edits that carry the edited image's
+``target_caption``), the MSE between the condition and the SD text encoder's states of it.
 
 Every random choice of a sample (caption drop, placements, crops, timestep, noise,
 null-condition dropout) comes from that sample's own generator, so runs resume exactly
@@ -126,7 +127,8 @@ class Stage3Builder:
         self.foreground_weight = foreground_weight
         self.latent_factor = latent_factor
         self.clip_tokenizer = clip_tokenizer
-        """Set (``stage3.text_align_weight``): compositional samples carry their caption's CLIP ids."""
+        """Set (``stage3.text_align_weight``): compositional samples and edits with a
+        ``target_caption`` carry the CLIP ids of their target's caption."""
         self.clip_length = clip_length
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
@@ -152,6 +154,8 @@ class Stage3Builder:
         elif kind == "edit":
             caption = "" if rng.random() < self.caption_drop else meta["caption"]
             segments = [caption, decode_image(raw, "src"), meta["instruction"]]
+            if self.clip_tokenizer is not None and "target_caption" in meta:
+                example["clip_ids"] = clip_ids(self.clip_tokenizer, meta["target_caption"], self.clip_length)
         else:
             segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
                                               white_prob=self.white_crop_prob,
@@ -343,7 +347,7 @@ class Stage3(Stage):
         if any("loss_weight" in ex for ex in examples):  # samples without a mask weigh every pixel alike
             shape = next(ex["loss_weight"].shape for ex in examples if "loss_weight" in ex)
             batch["loss_weight"] = torch.stack([ex.get("loss_weight", torch.ones(shape)) for ex in examples])
-        if self.text_encoder is not None:  # text_align_weight: only compositional samples carry CLIP ids
+        if self.text_encoder is not None:  # text_align_weight: only samples with a target caption carry CLIP ids
             batch["clip_ids"] = [ex.get("clip_ids") for ex in examples]
             batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
         return batch
