@@ -256,6 +256,14 @@ def test_sample_builders_follow_the_data_format():
             assert sum(caption.count(f"a {size} ") for size in w.SIZES) == len(scene.objects)
             for obj in scene.objects:
                 assert f"a {obj.size} {obj.entity_text()} {w.POSITION_PHRASES[obj.position]}" in caption
+        assert meta["target_caption"] == w.canonical_caption(tgt)
+        shuffled = w.Scene(tgt.background, tgt.objects[::-1])  # same picture, other drawing order
+        assert w.canonical_caption(shuffled) == meta["target_caption"] and w.render(shuffled).image.tobytes() \
+            == edit["tgt.png"].tobytes()
+        words = [f"a {o.size} {o.entity_text()} {w.POSITION_PHRASES[o.position]}" for o in tgt.objects]
+        starts = [max(meta["target_caption"].find(p + ","), meta["target_caption"].find(p + " and")) for p in words]
+        reading = np.argsort([w.POSITIONS.index(o.position) for o in tgt.objects])  # top left first
+        assert min(starts, default=0) >= 0 and [starts[i] for i in reading] == sorted(starts)
 
 
 def test_foreground_masks_are_the_targets_objects_and_draw_nothing():

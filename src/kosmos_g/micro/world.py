@@ -517,6 +517,19 @@ def make_edit(
     return scene, target, template.format(ref=ref, value=value)
 
 
+def canonical_caption(scene: Scene) -> str:
+    """The one caption of what ``scene`` looks like: objects in reading order (top left to
+    bottom right), the first grammar variant. A caption drawn with a generator picks one of
+    several orders, which a picture cannot tell apart.
+
+    Example:
+        >>> canonical_caption(Scene("gray", (ObjectSpec("star", "red", "solid", "small", "bottom"),
+        ...                                  ObjectSpec("circle", "blue", "dotted", "large", "top"))))
+        'a large blue dotted circle at the top and a small red solid star at the bottom, on a gray background'
+    """
+    return replace(scene, objects=tuple(sorted(scene.objects, key=lambda o: POSITIONS.index(o.position)))).caption()
+
+
 def _reference(scene: Scene, index: int) -> str:
     """How an instruction names object ``index``: its shape, if no other object shares it."""
     obj = scene.objects[index]
@@ -617,8 +630,8 @@ def edit_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
     exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
-    """An ``edit`` sample: the source caption, the instruction and the edited scene's caption
-    (``target_caption``), ``"src.png"`` and ``"tgt.png"``;
+    """An ``edit`` sample: the source caption, the instruction and the edited scene's
+    :func:`canonical_caption` (``target_caption``), ``"src.png"`` and ``"tgt.png"``;
     ``with_foreground``: also ``"tgt_fg.png"``, the objects of the target *and* the source
     at the target's size (a removed or moved object's old place is where the edit shows).
 
@@ -632,7 +645,7 @@ def edit_sample(
     source, target = render(src, size), render(tgt, target_size or size)
     sample = {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction,
-                 "target_caption": tgt.caption(rng)},
+                 "target_caption": canonical_caption(tgt)},
         "src.png": source.image,
         "tgt.png": target.image,
     }
