@@ -224,10 +224,11 @@ class Stage3Spec:
     docs/data-format.md); each sample's weights are scaled to mean 1. 1.0 (the paper): a
     plain mean, masks ignored. Samples without a mask weigh every pixel alike."""
     text_align_weight: float = 0.0
-    """Weight of an extra loss (not in the paper; 0: off): the MSE between a compositional
-    sample's condition and the frozen SD text encoder's ``last_hidden_state`` of its full
-    caption (the words its crops stand for, read from ``sd_path``'s ``text_encoder/`` and
-    ``tokenizer/``), added to the denoising loss of those samples. It tells the image path
+    """Weight of an extra loss (not in the paper; 0: off): the MSE between a sample's
+    condition and the frozen SD text encoder's ``last_hidden_state`` of its target's caption
+    (a compositional sample's full caption, the words its crops stand for; an edit's optional
+    ``target_caption``; read from ``sd_path``'s ``text_encoder/`` and ``tokenizer/``), added
+    to the denoising loss of those samples. It tells the image path
     directly what condition the words give, where the denoising loss only says so through
     the U-Net's pixels."""
     max_caption_tokens: int = 128

@@ -151,17 +151,18 @@ class Stage3Builder:
                 if min(target.size) < self.min_caption_image_size:
                     raise SampleFiltered
             segments: list[Any] = [meta["caption"]]
+            target_caption: str | None = None  # the prompt is the caption itself
         elif kind == "edit":
             caption = "" if rng.random() < self.caption_drop else meta["caption"]
             segments = [caption, decode_image(raw, "src"), meta["instruction"]]
-            if self.clip_tokenizer is not None and "target_caption" in meta:
-                example["clip_ids"] = clip_ids(self.clip_tokenizer, meta["target_caption"], self.clip_length)
+            target_caption = meta.get("target_caption")
         else:
             segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
                                               white_prob=self.white_crop_prob,
                                               max_images=self.processor.max_images)
-            if self.clip_tokenizer is not None:
-                example["clip_ids"] = clip_ids(self.clip_tokenizer, meta["caption"], self.clip_length)
+            target_caption = meta["caption"]
+        if self.clip_tokenizer is not None and target_caption is not None:
+            example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, self.clip_length)
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
