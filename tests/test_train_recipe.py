@@ -70,3 +70,24 @@ def test_cli_errors_are_one_line(capsys):
     assert "Unknown recipe key" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "stage1"]) == 2
     assert "--config is required" in capsys.readouterr().err
+
+
+def test_model_config_overrides_set_single_fields(tiny_kosmos_dir):
+    from kosmos_g.train.modeling import load_kosmos_g
+
+    # The command line's dotted form nests: model.config.resampler.num_queries=7 ->
+    # {"resampler": {"num_queries": 7}}; it must change that field only.
+    def spec(*overrides):
+        return load_recipe("tiny-stage1", ["model.init=null", "model.preset=tiny",
+                                           f"model.tokenizer={tiny_kosmos_dir / 'tokenizer'}", *overrides]).model
+
+    model, processor = load_kosmos_g(spec("model.config.resampler.num_queries=7", "model.config.mllm.dropout=0.25"))
+    tiny = load_kosmos_g(spec())[0]
+    got, ref = model.config.to_dict(), tiny.config.to_dict()
+    assert got["resampler"] == {**ref["resampler"], "num_queries": 7}
+    assert got["mllm"] == {**ref["mllm"], "dropout": 0.25}
+    assert processor.num_image_tokens == 7
+    with pytest.raises(ValueError, match="resampler.num_querys"):
+        load_kosmos_g(spec("model.config.resampler.num_querys=7"))
+    with pytest.raises(ValueError, match="whole section"):
+        load_kosmos_g(spec("model.config={resampler: null}"))

@@ -27,8 +27,21 @@ logger = logging.getLogger(__name__)
 RECONSTRUCTION_PREFIX = "aligner.recon_"
 
 
-def _override(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def _flatten(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"resampler": {"num_queries": 64}}`` (YAML nesting, or the command line's
+    ``model.config.resampler.num_queries=64``) -> ``{"resampler.num_queries": 64}``."""
+    flat: dict[str, Any] = {}
     for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{name}": v for name, v in _flatten(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _override(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set single config fields; a section is never replaced whole (its other fields stay)."""
+    for key, value in _flatten(overrides).items():
         section, _, name = key.partition(".")
         if name:
             if section not in data or not isinstance(data[section], dict):
@@ -36,6 +49,9 @@ def _override(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]
             if name not in data[section]:
                 raise ValueError(f"model.config override {key!r}: {section} has no field {name!r}.")
             data[section][name] = value
+        elif isinstance(data.get(key), dict):
+            raise ValueError(f"model.config override {key!r} names a whole section; set its fields, "
+                             f"e.g. {key}.<field>=value.")
         else:
             data[key] = value
     return data

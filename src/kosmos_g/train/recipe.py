@@ -44,7 +44,8 @@ class ModelSpec:
     vision_init: str | None = None
     """Optional transformers ``CLIPVisionModel`` folder whose weights replace the vision tower's."""
     config: dict[str, Any] = field(default_factory=dict)
-    """Config overrides, ``{"mllm.dropout": 0.0}``."""
+    """Config overrides, each setting one field: ``{"mllm.dropout": 0.0}``, nested
+    ``{"mllm": {"dropout": 0.0}}``, or on the command line ``model.config.mllm.dropout=0.0``."""
 
     def validate(self) -> None:
         if (self.init is None) == (self.preset is None):
