@@ -291,6 +291,27 @@ def test_foreground_masks_are_the_targets_objects_and_draw_nothing():
             assert 0 < (mask > 0).mean() < 1
 
 
+def test_caption_cell_labels_name_the_object_drawn_in_each_cell():
+    """Replays the sampler's draws: each cell's labels are the attributes of the object whose
+    pixels lie in that cell of the 3x3 grid, and None where no object is drawn."""
+    for seed in range(30):
+        sample = w.caption_sample(np.random.default_rng(seed))
+        scene = w.sample_scene(np.random.default_rng(seed), exclude_held_out=True)
+        labels = sample["json"]["cell_labels"]
+        assert set(labels) == set(w.CELL_ATTRIBUTES) and all(len(v) == 9 for v in labels.values())
+        masks = w.render(scene).masks
+        drawn = set()
+        for obj, mask in zip(scene.objects, masks):
+            ys, xs = np.nonzero(mask)
+            rows, cols = set(ys * 3 // 64), set(xs * 3 // 64)
+            assert len(rows) == len(cols) == 1  # every pixel in one cell
+            cell = 3 * rows.pop() + cols.pop()
+            drawn.add(cell)
+            assert [labels[a][cell] for a in ("shape", "color", "pattern")] == [
+                w.SHAPES.index(obj.shape), list(w.COLORS).index(obj.color), w.PATTERNS.index(obj.pattern)]
+        assert all(labels[a][c] is None for a in labels for c in range(9) if c not in drawn)
+
+
 def test_entity_caption_sample_is_one_crop_of_the_object_it_names():
     """Replays the sampler's draws, so the caption must name the very object that was cropped."""
     kinds = set()

@@ -530,6 +530,26 @@ def canonical_caption(scene: Scene) -> str:
     return replace(scene, objects=tuple(sorted(scene.objects, key=lambda o: POSITIONS.index(o.position)))).caption()
 
 
+CELL_ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "pattern": PATTERNS}
+"""The attributes :func:`cell_labels` gives per grid cell, and their classes in index order."""
+
+
+def cell_labels(scene: Scene) -> dict[str, list[int | None]]:
+    """Each grid cell's object attributes as class indices (``None``: an empty cell), cells in
+    ``POSITIONS`` order: a caption sample's ``"cell_labels"`` (``stage1.cell_label_weight``).
+
+    Example:
+        >>> cell_labels(Scene("gray", (ObjectSpec("star", "red", "dotted", "small", "top"),)))["shape"]
+        [None, 4, None, None, None, None, None, None, None]
+    """
+    labels: dict[str, list[int | None]] = {name: [None] * len(POSITIONS) for name in CELL_ATTRIBUTES}
+    for obj in scene.objects:
+        cell = POSITIONS.index(obj.position)
+        for name, classes in CELL_ATTRIBUTES.items():
+            labels[name][cell] = classes.index(getattr(obj, name))
+    return labels
+
+
 def _reference(scene: Scene, index: int) -> str:
     """How an instruction names object ``index``: its shape, if no other object shares it."""
     obj = scene.objects[index]
@@ -561,7 +581,8 @@ def caption_sample(
     are rendered natively at micro-SD's resolution rather than resized, so stage 3 sees
     exactly the pictures micro-SD learned to draw; model inputs stay at ``size``.
     ``with_foreground`` adds ``"fg.png"``, the objects' exact mask (:func:`foreground`),
-    for ``stage3.foreground_weight``; it draws nothing from ``rng``.
+    for ``stage3.foreground_weight``; it draws nothing from ``rng``. The json carries the
+    scene's :func:`cell_labels` (for ``stage1.cell_label_weight``).
 
     Example:
         >>> sorted(caption_sample(np.random.default_rng(0), with_foreground=True))
@@ -569,7 +590,8 @@ def caption_sample(
     """
     scene = sample_scene(rng, exclude_held_out=exclude_held_out)
     result = render(scene, target_size or size)
-    sample = {"json": {"kind": "caption", "caption": scene.caption(rng)}, "png": result.image}
+    sample = {"json": {"kind": "caption", "caption": scene.caption(rng), "cell_labels": cell_labels(scene)},
+              "png": result.image}
     if with_foreground:
         sample["fg.png"] = foreground(result)
     return sample

@@ -75,8 +75,12 @@ class KosmosG(nn.Module):
         return self.resampler(self.vision(pixel_values.to(self.dtype)))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with each image's slots overwritten by its features: (B, T, C)."""
+              image_mask: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with each image's slots overwritten by its features: (B, T, C).
+
+        ``features``: ``image_features(pixel_values)`` when the caller already has it (a
+        training loss that also reads the resampler's output), so it is not computed twice.
+        """
         embeds = self.mllm.embed(input_ids)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if image_mask is not None and image_mask.any():
@@ -84,7 +88,7 @@ class KosmosG(nn.Module):
             return embeds
         if image_mask is None:
             raise ValueError("pixel_values given without image_mask; build inputs with KosmosGProcessor.")
-        feats = self.image_features(pixel_values).to(embeds.dtype)  # (N, Q, C)
+        feats = (self.image_features(pixel_values) if features is None else features).to(embeds.dtype)  # (N, Q, C)
         n_slots = int(image_mask.sum())
         if n_slots != feats.shape[0] * feats.shape[1]:
             raise ValueError(
@@ -96,9 +100,10 @@ class KosmosG(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor | None = None,
-                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """MLLM final-LayerNorm states of every token: (B, T, C)."""
-        embeds = self.embed(input_ids, pixel_values, image_mask)
+                      image_mask: torch.Tensor | None = None, *,
+                      features: torch.Tensor | None = None) -> torch.Tensor:
+        """MLLM final-LayerNorm states of every token: (B, T, C) (``features``: see :meth:`embed`)."""
+        embeds = self.embed(input_ids, pixel_values, image_mask, features=features)
         return self.mllm(embeds, attention_mask)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

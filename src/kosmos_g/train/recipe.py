@@ -180,6 +180,33 @@ class Stage1Spec:
     """Truncate documents to this many positions (default: the MLLM's max_positions)."""
     image_first_prob: float = 1.0
     """For caption samples: probability of ``<s> image caption </s>`` rather than ``<s> caption image </s>``."""
+    cell_label_weight: float = 0.0
+    """Weight of an extra loss (not in the paper; 0: off): a linear head reads each caption
+    image's attributes per grid cell from the resampler's output (all its slots together),
+    scored by cross-entropy against the sample's ``"cell_labels"`` (docs/data-format.md)
+    and added to the next-token loss as ``w x`` its mean over labelled (image, cell,
+    attribute) entries. Next-token loss alone lets the resampler average a scene's objects
+    away; this asks it to keep which object is where. The head is trained with the
+    stage and never exported."""
+    cell_classes: dict[str, int] = field(default_factory=dict)
+    """With ``cell_label_weight``: each labelled attribute and its number of classes, e.g.
+    ``{shape: 8, color: 8, pattern: 4}``; samples' labels of other attributes are ignored."""
+    cells: int = 9
+    """With ``cell_label_weight``: grid cells per image (the length of every label list)."""
+
+    def validate(self) -> None:
+        if not self.cell_label_weight >= 0:
+            raise ValueError(f"stage1.cell_label_weight must be >= 0 (0: off), got {self.cell_label_weight}.")
+        if self.cell_label_weight == 0:
+            return
+        if not self.cell_classes:
+            raise ValueError("stage1.cell_label_weight needs stage1.cell_classes, the labelled attributes and "
+                             "their class counts, e.g. stage1.cell_classes={shape: 8, color: 8}.")
+        for name, n in self.cell_classes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"stage1.cell_classes.{name} must be a class count >= 2, got {n!r}.")
+        if self.cells < 1:
+            raise ValueError(f"stage1.cells must be >= 1, got {self.cells}.")
 
 
 @dataclass
@@ -283,8 +310,7 @@ class Recipe:
             raise ValueError(f"This recipe is for {self.stage} but {stage} was asked for.")
         for section in ("model", "data", "optim", "train"):
             getattr(self, section).validate()
-        if stage in ("stage2", "stage3"):
-            getattr(self, stage).validate()
+        getattr(self, stage).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
