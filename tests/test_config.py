@@ -34,6 +34,10 @@ def test_unknown_preset():
     (lambda: AlignerConfig(encoder_layers=-1), "encoder_layers must be >= 0"),
     (lambda: KosmosGConfig(resampler=ResamplerConfig(output_dim=1024, num_heads=16)), "must equal mllm.hidden_size"),
     (lambda: KosmosGConfig.from_dict({"bogus": 1}), "Unknown KosmosGConfig fields"),
+    (lambda: ResamplerConfig(num_queries=12, local_queries=True), "square num_queries.*got 12.*9 or 16"),
+    # the official 16 x 16 patch grid does not split into 3 x 3 tiles
+    (lambda: KosmosGConfig(resampler=ResamplerConfig(num_queries=9, local_queries=True)),
+     "16 x 16 patch grid does not split into 3 x 3 tiles"),
 ])
 def test_validation_errors(build, match):
     with pytest.raises(ValueError, match=match):
@@ -44,6 +48,12 @@ def test_json_roundtrip(tmp_path):
     cfg = get_preset("tiny")
     cfg.save(tmp_path / "c.json")
     assert KosmosGConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_configs_written_before_local_queries_still_load():
+    data = get_preset("tiny").to_dict()
+    del data["resampler"]["local_queries"]
+    assert KosmosGConfig.from_dict(data).resampler.local_queries is False
 
 
 def test_sd2_sized_aligner_adds_projection():

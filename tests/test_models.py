@@ -159,6 +159,36 @@ def test_gradient_checkpointing_matches(tiny):
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6)
 
 
+def test_local_queries_read_only_their_own_tile():
+    """With ``local_queries`` each of the k x k queries reads the class token, its own tile of
+    the patch grid and the latents: changing a patch moves exactly the query whose tile holds
+    it. Off (the released model), every query reads every patch."""
+    from kosmos_g.config import ResamplerConfig
+    from kosmos_g.models.resampler import Resampler
+
+    torch.manual_seed(0)
+    local = Resampler(ResamplerConfig(input_dim=8, output_dim=16, num_queries=4, num_heads=2, local_queries=True))
+    tokens = torch.randn(1, 1 + 16, 8)  # class token + a 4 x 4 patch grid: 2 x 2 tiles of 2 x 2 patches
+    base = local(tokens)
+    for row, col in [(0, 0), (1, 3), (3, 0), (2, 2)]:
+        changed = tokens.clone()
+        changed[0, 1 + row * 4 + col] += 1.0
+        moved = (local(changed) - base).abs().amax(-1)[0] > 1e-6  # (4,) which queries moved
+        owner = (row // 2) * 2 + col // 2
+        assert moved.tolist() == [q == owner for q in range(4)], (row, col)
+    changed = tokens.clone()
+    changed[0, 0] += 1.0  # the class token reaches every query
+    assert ((local(changed) - base).abs().amax(-1) > 1e-6).all()
+
+    glob = Resampler(ResamplerConfig(input_dim=8, output_dim=16, num_queries=4, num_heads=2))
+    glob.load_state_dict(local.state_dict())
+    changed = tokens.clone()
+    changed[0, 1] += 1.0
+    assert ((glob(changed) - glob(tokens)).abs().amax(-1) > 1e-6).all()
+    with pytest.raises(ValueError, match="got 16 tokens"):
+        local(torch.randn(1, 16, 8))
+
+
 def test_aligner_reconstruction_shapes():
     cfg = get_preset("tiny")
     cfg.aligner.reconstruction = True

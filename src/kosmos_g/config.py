@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -84,11 +85,23 @@ class ResamplerConfig:
     num_queries: int = 64
     """Image slots per image in the token sequence."""
     num_heads: int = 32
+    local_queries: bool = False
+    """False (the released model): every query reads every image token. True (not in the
+    paper): the queries form a k x k grid (num_queries = k^2) and each reads only its own
+    tile of the patch grid, plus the class token and the latents. Learned global queries
+    average a multi-object scene and lose each object's shape; local ones cannot
+    (docs/micro-notes.md, session 14)."""
 
     def __post_init__(self) -> None:
         _positive("resampler", input_dim=self.input_dim, output_dim=self.output_dim,
                   num_queries=self.num_queries, num_heads=self.num_heads)
         _divisible("resampler", "output_dim", self.output_dim, self.num_heads)
+        if self.local_queries and math.isqrt(self.num_queries) ** 2 != self.num_queries:
+            raise ValueError(
+                f"resampler.local_queries needs a square num_queries (k x k tiles), got "
+                f"{self.num_queries}; use e.g. {math.isqrt(self.num_queries) ** 2} or "
+                f"{(math.isqrt(self.num_queries) + 1) ** 2}."
+            )
 
 
 @dataclass
@@ -197,6 +210,14 @@ class KosmosGConfig:
             raise ValueError(
                 f"resampler.input_dim={self.resampler.input_dim} must equal "
                 f"vision.hidden_size={self.vision.hidden_size}."
+            )
+        grid = self.vision.image_size // self.vision.patch_size
+        side = math.isqrt(self.resampler.num_queries)
+        if self.resampler.local_queries and grid % side:
+            raise ValueError(
+                f"resampler.local_queries: the {grid} x {grid} patch grid does not split into "
+                f"{side} x {side} tiles (num_queries={self.resampler.num_queries}); pick "
+                f"num_queries = k^2 with k dividing {grid}."
             )
         if self.resampler.output_dim != self.mllm.hidden_size:
             raise ValueError(
