@@ -90,11 +90,43 @@ def _pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
     return seq[int(rng.integers(len(seq)))]
 
 
-def _caption_pair(rng: np.random.Generator, a: Scene, b: Scene) -> tuple[str, str]:
-    """Captions of ``a`` and ``b`` in the same grammar variant, so they differ only where
-    the scenes do."""
+def _caption_pair(rng: np.random.Generator, a: Scene, b: Scene) -> tuple[str, list[tuple[int, int]], str]:
+    """Captions of ``a`` (with its entity spans) and ``b`` in the same grammar variant, so
+    they differ only where the scenes do."""
     seed = int(rng.integers(1 << 31))
-    return a.caption(np.random.default_rng(seed)), b.caption(np.random.default_rng(seed))
+    caption, spans = a.caption_with_spans(np.random.default_rng(seed))
+    return caption, spans, b.caption(np.random.default_rng(seed))
+
+
+BIND_CLASSES = (len(world.SHAPES), len(world.COLORS), len(world.PATTERNS), len(world.SIZES))
+"""Classes of the binding targets, in the order of :func:`binding_targets`' labels."""
+
+
+def binding_targets(scene: Scene, caption: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """Per object of ``scene``: ``(token index, shape, colour, pattern, size)``, where the token
+    is the last word of the object's position phrase in ``caption`` (``"left"`` of ``"... circle
+    on the top left"``; index 0 is the start token) and the rest are class indices.
+
+    The text tower is causal, so an attribute word's state cannot know the cell named after
+    it; the position word's state has read the whole object phrase and is the one place a
+    state can say "the object in THIS cell is a small red striped circle" (the binding
+    micro-SD needs to draw two subjects without mixing their attributes). The micro
+    tokenizer gives every world word and ``","`` one token, so a word's index is the number
+    of words before it plus one.
+
+    Example:
+        >>> s = Scene("gray", (ObjectSpec("circle", "red", "striped", "small", "left"),))
+        >>> caption, spans = s.caption_with_spans()
+        >>> caption.replace(",", " ,").split()[binding_targets(s, caption, spans)[0][0] - 1]
+        'left'
+    """
+    out = []
+    for obj, (_, end) in zip(scene.objects, spans):
+        phrase_end = end + 1 + len(world.POSITION_PHRASES[obj.position])
+        index = len(caption[:phrase_end].replace(",", " ,").split())  # words up to it; +1 start, -1
+        out.append((index, world.SHAPES.index(obj.shape), list(world.COLORS).index(obj.color),
+                    world.PATTERNS.index(obj.pattern), list(world.SIZES).index(obj.size)))
+    return out
 
 
 PERTURBATIONS = ("color", "pattern", "shape", "size", "position", "background",
@@ -207,15 +239,17 @@ def entity_caption(obj: ObjectSpec) -> str:
 
 
 def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: float = 0.0,
-               hard_negatives: bool = True) -> tuple[np.ndarray, list[str], list[str]]:
+               hard_negatives: bool = True, bindings: bool = False):
     """One micro-CLIP training batch: ``(images (B, 64, 64, 3) uint8, captions, negatives)``.
 
     A ``crop_fraction`` of the pairs are an entity crop (square or background-whitened,
     like a Kosmos-G subject image) with its entity caption; the rest are whole scenes
     with full captions. ``negatives[i]`` is the caption of item ``i``'s perturbed scene
-    (:func:`perturb_scene`); empty when ``hard_negatives`` is False.
+    (:func:`perturb_scene`); empty when ``hard_negatives`` is False. ``bindings=True`` adds a
+    fourth element: per item its :func:`binding_targets` (``[]`` for a crop). It draws no
+    random numbers: the batch is the same either way.
     """
-    images, captions, negatives = [], [], []
+    images, captions, negatives, binds = [], [], [], []
     for _ in range(batch_size):
         scene = world.sample_scene(rng)
         result = world.render(scene, IMAGE_SIZE)
@@ -225,6 +259,7 @@ def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: floa
             images.append(white if rng.random() < 0.5 else square)
             obj = scene.objects[i]
             captions.append(entity_caption(obj))
+            binds.append([])
             if hard_negatives:
                 kind = _pick(rng, ("color", "pattern", "shape"))
                 bad, _ = perturb_scene(rng, Scene("gray", (obj,)), kind)
@@ -233,11 +268,14 @@ def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: floa
         images.append(result.image)
         if hard_negatives:
             bad, _ = perturb_scene(rng, scene)
-            caption, negative = _caption_pair(rng, scene, bad)
-            captions.append(caption)
+            caption, spans, negative = _caption_pair(rng, scene, bad)
             negatives.append(negative)
         else:
-            captions.append(scene.caption(rng))
+            caption, spans = scene.caption_with_spans(rng)
+        captions.append(caption)
+        binds.append(binding_targets(scene, caption, spans))
+    if bindings:
+        return np.stack(images), captions, negatives, binds
     return np.stack(images), captions, negatives
 
 
@@ -248,7 +286,8 @@ def _features(obj: Any) -> torch.Tensor:
 
 def clip_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
               negative_ids: torch.Tensor | None = None, *,
-              token_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+              token_weight: float = 0.0, bind_weight: float = 0.0, bind_head: torch.nn.Module | None = None,
+              bindings: Sequence[Sequence[tuple[int, ...]]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """CLIP's symmetric InfoNCE with the learnable temperature; hard-negative captions (if
     given) join the image->text softmax only, as in NegCLIP.
 
@@ -257,6 +296,13 @@ def clip_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
     (cross-entropy over the vocabulary). InfoNCE only supervises the pooled end token, and
     without this term the per-token states the U-Net reads barely tell "left" from
     "right" (see docs/micro-notes.md, session 7).
+
+    ``bind_weight`` > 0 adds a binding loss: ``bind_head`` (a linear map from the text width
+    to ``sum(BIND_CLASSES)`` logits) reads, from the state of each object's position word
+    (``bindings[i]``, from :func:`binding_targets`), that object's shape, colour, pattern and
+    size (the mean of the four cross-entropies over every labelled object of the batch).
+    Without it the state of "left" says which cell but not what is in it, and micro-SD
+    mixes up the attributes of two subjects (docs/micro-notes.md, session 15).
     """
     image = F.normalize(_features(model.get_image_features(pixel_values=pixel_values)), dim=-1)  # (B, D)
     ids = input_ids if negative_ids is None else torch.cat([input_ids, negative_ids])
@@ -277,6 +323,16 @@ def clip_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
         token = F.cross_entropy(words, ids[keep])
         loss = loss + token_weight * token
         stats["token_loss"] = token.item()
+    if bind_weight > 0:
+        if bind_head is None or bindings is None:
+            raise ValueError("bind_weight > 0 needs bind_head and bindings (clip_batch(..., bindings=True))")
+        rows = [(i, *t) for i, per in enumerate(bindings) for t in per]
+        if rows:
+            index = torch.tensor(rows)  # (N, 6): row, token, shape, colour, pattern, size
+            logits = bind_head(out.last_hidden_state[index[:, 0], index[:, 1]]).split(BIND_CLASSES, dim=-1)
+            bind = sum(F.cross_entropy(lg, index[:, 2 + k]) for k, lg in enumerate(logits)) / len(logits)
+            loss = loss + bind_weight * bind
+            stats["bind_loss"] = bind.item()
     return loss, stats
 
 
@@ -291,6 +347,7 @@ def train_micro_clip(
     crop_fraction: float = 0.25,
     hard_negatives: bool = True,
     token_weight: float = 1.0,
+    bind_weight: float = 0.0,
     sizes: MicroClipSizes | None = None,
     seed: int = 0,
     smoke: bool = False,
@@ -305,7 +362,10 @@ def train_micro_clip(
     the per-token states of "... on the left, ..." and "... on the right, ..." differed by
     3.5 (L2 over the 40 x 64 states) against 42 for a colour swap, and micro-SD put objects
     in the named cell at chance; with it the word's own state moves by ~18 for every
-    attribute. ``smoke=True`` trains a tiny model for 4 steps of batch 8 (for tests).
+    attribute. ``bind_weight`` weighs the binding loss (:func:`clip_loss`; a linear head
+    trained beside the model and not saved): each object's position word must say what the
+    object is. Off by default (the shipped micro-CLIP was trained without it).
+    ``smoke=True`` trains a tiny model for 4 steps of batch 8 (for tests).
 
     Example:
         >>> import tempfile
@@ -332,8 +392,13 @@ def train_micro_clip(
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("micro-CLIP: training all %d parameters", n_params)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+        named = list(model.named_parameters())
+        bind_head = None
+        if bind_weight > 0:  # created after the model, so the model's initial weights do not change
+            bind_head = torch.nn.Linear(config.text_config.hidden_size, sum(BIND_CLASSES))
+            named += [("bind_head." + n, p) for n, p in bind_head.named_parameters()]
+        decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=lr, betas=(0.9, 0.98), eps=1e-6)
@@ -342,14 +407,15 @@ def train_micro_clip(
         bar = tqdm(range(steps), desc="micro-CLIP", disable=not progress)
         t0 = time.time()
         for step in bar:
-            images, captions, negatives = clip_batch(rng, batch_size, crop_fraction=crop_fraction,
-                                                     hard_negatives=hard_negatives)
+            images, captions, negatives, binds = clip_batch(rng, batch_size, crop_fraction=crop_fraction,
+                                                            hard_negatives=hard_negatives, bindings=True)
             # Pad to the longest caption only: the text tower is causal and pools at the first
             # end token, so the padding after it changes nothing but the cost.
             ids = tok(captions + negatives, padding="longest", truncation=True, return_tensors="pt").input_ids
             neg = ids[batch_size:] if negatives else None
             loss, stats = clip_loss(model, images_to_clip_pixels(images), ids[:batch_size], neg,
-                                    token_weight=token_weight)
+                                    token_weight=token_weight, bind_weight=bind_weight, bind_head=bind_head,
+                                    bindings=binds)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,7 +434,7 @@ def train_micro_clip(
         vision.save_pretrained(tmp / "vision")
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       crop_fraction=crop_fraction, hard_negatives=hard_negatives, token_weight=token_weight,
-                      seed=seed, sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
+                      bind_weight=bind_weight, seed=seed, sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir
 
@@ -429,7 +495,8 @@ def evaluate_micro_clip(clip_dir: str | os.PathLike, *, n: int = 512, seed: int 
                 bad, _ = perturb_scene(rng, s, kind)
             except ValueError:  # the kind does not apply (e.g. a swap in a one-object scene)
                 continue
-            pairs.append((i, *_caption_pair(rng, s, bad)))
+            good, _, negative = _caption_pair(rng, s, bad)
+            pairs.append((i, good, negative))
         if not pairs:
             continue
         idx = torch.tensor([p[0] for p in pairs])
