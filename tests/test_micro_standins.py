@@ -259,6 +259,21 @@ def test_clip_bind_loss_reads_each_object_from_its_position_word(clip_tokenizer)
     assert stats["bind_loss"] < 0.1 * ref.item()
 
 
+def test_micro_clip_with_the_bind_loss_trains_it_and_saves_no_head(tmp_path, clip_dir):
+    from safetensors import safe_open
+
+    bound = S.train_micro_clip(tmp_path / "clip", smoke=True, progress=False, bind_weight=1.0)
+    log = json.loads((bound / "train_log.json").read_text())
+    assert log["recipe"]["bind_weight"] == 1.0
+    assert all(np.isfinite(r["bind_loss"]) for r in log["log"])
+    for sub in ("text_encoder", "clip"):
+        with safe_open(str(bound / sub / "model.safetensors"), "pt") as a, \
+                safe_open(str(clip_dir / sub / "model.safetensors"), "pt") as b:
+            assert set(a.keys()) == set(b.keys())  # the head is not part of the stand-in
+    assert (bound / "text_encoder" / "model.safetensors").read_bytes() != \
+        (clip_dir / "text_encoder" / "model.safetensors").read_bytes()
+
+
 def test_micro_clip_folders_load_and_give_the_right_shapes(clip_dir):
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 

@@ -57,6 +57,22 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
     assert weights.stat().st_mtime_ns == stamp
 
 
+def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, capsys):
+    """A folder trained without micro-CLIP's binding loss is not silently finished with it:
+    the finished steps would be mixed into a run of another recipe."""
+    record = (smoke_run / "train_all.json").read_bytes()
+    code = cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
+                     "--clip-bind-weight", "1.0"])
+    assert code == 2
+    assert "clip_bind_weight" in capsys.readouterr().err
+    assert (smoke_run / "train_all.json").read_bytes() == record
+    with pytest.raises(ValueError, match="clip_bind_weight=-1"):
+        from kosmos_g.micro.train_all import train_all
+
+        train_all(smoke_run / "never", smoke=True, clip_bind_weight=-1.0)
+    assert not (smoke_run / "never").exists()
+
+
 def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):
     """Stage 3 on micro-SD (no vae/) trains on the target pixels themselves, in [-1, 1]."""
     from accelerate import Accelerator

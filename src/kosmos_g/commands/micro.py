@@ -1,6 +1,6 @@
 """``kosmos-g micro train-all|eval|train-reader``: the micro world's models, from scratch, and their scores.
 
-    kosmos-g micro train-all --out runs/micro          # ~1 h on 2 CPU cores; resumable
+    kosmos-g micro train-all --out runs/micro          # ~107 min on 2 fast CPU cores; resumable
     kosmos-g micro train-all --out /tmp/m --smoke      # every step, a few iterations each
     kosmos-g micro eval                                # the shipped model: table + grid PNG
     kosmos-g micro eval --models runs/micro/release --quick
@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--smoke", action="store_true", help="a few iterations of every step (for tests)")
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default: 2 if available; with 2+, micro-SD trains beside stages 1-2)")
+    train.add_argument("--clip-bind-weight", type=float, default=None, metavar="W",
+                       help="micro-CLIP's binding loss weight (default 0, the shipped recipe; 1.0 keeps two "
+                            "subjects' attributes apart in micro-SD, see docs/micro-notes.md, session 15)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=run_train_all)
 
@@ -62,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train_all(args: argparse.Namespace) -> int:
     from ..micro.train_all import train_all
 
-    record = train_all(args.out, smoke=args.smoke, progress=not args.no_progress, threads=args.threads)
+    record = train_all(args.out, smoke=args.smoke, progress=not args.no_progress, threads=args.threads,
+                       clip_bind_weight=args.clip_bind_weight)
     print(json.dumps({"out": str(Path(args.out)), "seconds": record["seconds"], "wall_s": record["wall_s"]}))
     return 0
 

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +42,10 @@ class Budget:
 
     clip_steps: int = 2000
     clip_batch: int = 64
+    clip_bind_weight: float = 0.0
+    """micro-CLIP's binding loss (:func:`.standins.train_micro_clip`'s ``bind_weight``). 0 is the
+    shipped recipe; 1.0 lets micro-SD keep two subjects' colours apart (session 15,
+    docs/micro-notes.md) but the shipped models have not yet been retrained with it."""
     sd_steps: int = 2000
     sd_batch: int = 32
     sd_resolution: int = 32
@@ -306,9 +310,12 @@ def _train_sd_process(out: str, budget: Budget, progress: bool) -> None:
 
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, clip_bind_weight: float | None = None) -> dict[str, Any]:
     """Run every step into ``out`` (see the module docstring); returns and writes
     ``out/train_all.json`` with each step's wall seconds (0 for a step found done).
+
+    ``clip_bind_weight`` replaces the budget's :attr:`Budget.clip_bind_weight`. A folder
+    started with another budget is refused (its finished steps would be mixed into this one).
 
     With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's first run trains
     in a child process on one thread while stages 1 and 2 (which do not need it) run here on
@@ -334,10 +341,21 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     threads = threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     budget = SMOKE if smoke else FULL
+    if clip_bind_weight is not None:
+        if clip_bind_weight < 0:
+            raise ValueError(f"clip_bind_weight={clip_bind_weight} must be >= 0 (0: the shipped recipe)")
+        budget = replace(budget, clip_bind_weight=clip_bind_weight)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     record_path = out / "train_all.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if "budget" in record:
+        wanted = json.loads(json.dumps(asdict(budget)))  # tuples as JSON lists, like the record's
+        differing = sorted(k for k in wanted.keys() | record["budget"].keys()
+                           if wanted.get(k) != record["budget"].get(k))
+        if differing:
+            raise ValueError(f"{out} holds a train-all run with another budget (differing: {differing}); "
+                             f"resume it with the options it was started with, or use a new --out folder.")
+    out.mkdir(parents=True, exist_ok=True)
     record.update(budget=asdict(budget), smoke=smoke, threads=torch.get_num_threads())
     timings = record.setdefault("seconds", {})
 
@@ -353,7 +371,8 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
 
     step("tokenizer", out / "tokenizer", lambda: build_spm_tokenizer(out / "tokenizer"))
     step("micro-clip", out / "clip", lambda: train_micro_clip(
-        out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, progress=progress))
+        out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, bind_weight=budget.clip_bind_weight,
+        progress=progress))
     sd_job = None
     sd_start = time.time()
     if threads >= 2 and not _sd_folders(out, budget)[0].exists():
