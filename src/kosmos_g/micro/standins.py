@@ -123,7 +123,8 @@ def binding_targets(scene: Scene, caption: str, spans: Sequence[tuple[int, int]]
     out = []
     for obj, (_, end) in zip(scene.objects, spans):
         phrase_end = end + 1 + len(world.POSITION_PHRASES[obj.position])
-        index = len(caption[:phrase_end].replace(",", " ,").split())  # words up to it; +1 start, -1
+        # words through the position word = that word's index (the start token is index 0)
+        index = len(caption[:phrase_end].replace(",", " ,").split())
         out.append((index, world.SHAPES.index(obj.shape), list(world.COLORS).index(obj.color),
                     world.PATTERNS.index(obj.pattern), list(world.SIZES).index(obj.size)))
     return out
@@ -239,7 +240,7 @@ def entity_caption(obj: ObjectSpec) -> str:
 
 
 def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: float = 0.0,
-               hard_negatives: bool = True, bindings: bool = False):
+               hard_negatives: bool = True, bindings: bool = False) -> tuple[Any, ...]:
     """One micro-CLIP training batch: ``(images (B, 64, 64, 3) uint8, captions, negatives)``.
 
     A ``crop_fraction`` of the pairs are an entity crop (square or background-whitened,
