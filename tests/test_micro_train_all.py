@@ -66,9 +66,14 @@ def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, ca
     assert code == 2
     assert "clip_bind_weight" in capsys.readouterr().err
     assert (smoke_run / "train_all.json").read_bytes() == record
-    with pytest.raises(ValueError, match="clip_bind_weight=-1"):
-        from kosmos_g.micro.train_all import train_all
+    from dataclasses import replace
 
+    from kosmos_g.micro.train_all import SMOKE, train_all
+
+    with pytest.raises(ValueError, match=r"differing: \['sd_continue_steps', 'sd_steps'\]"):
+        train_all(smoke_run, budget=replace(SMOKE, sd_steps=1, sd_continue_steps=(1, 1, 1)), progress=False)
+    assert (smoke_run / "train_all.json").read_bytes() == record
+    with pytest.raises(ValueError, match="clip_bind_weight=-1"):
         train_all(smoke_run / "never", smoke=True, clip_bind_weight=-1.0)
     assert not (smoke_run / "never").exists()
 

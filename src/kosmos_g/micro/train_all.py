@@ -310,11 +310,13 @@ def _train_sd_process(out: str, budget: Budget, progress: bool) -> None:
 
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
-              threads: int | None = None, clip_bind_weight: float | None = None) -> dict[str, Any]:
+              threads: int | None = None, clip_bind_weight: float | None = None,
+              budget: Budget | None = None) -> dict[str, Any]:
     """Run every step into ``out`` (see the module docstring); returns and writes
     ``out/train_all.json`` with each step's wall seconds (0 for a step found done).
 
-    ``clip_bind_weight`` replaces the budget's :attr:`Budget.clip_bind_weight`. A folder
+    ``budget`` replaces the recipe (:data:`FULL`, or :data:`SMOKE` with ``smoke``; a trial recipe
+    from Python). ``clip_bind_weight`` replaces the budget's :attr:`Budget.clip_bind_weight`. A folder
     started with another budget is refused (its finished steps would be mixed into this one).
 
     With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's first run trains
@@ -340,7 +342,8 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     started = time.time()
     threads = threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    budget = SMOKE if smoke else FULL
+    if budget is None:
+        budget = SMOKE if smoke else FULL
     if clip_bind_weight is not None:
         if clip_bind_weight < 0:
             raise ValueError(f"clip_bind_weight={clip_bind_weight} must be >= 0 (0: the shipped recipe)")
