@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,7 +67,6 @@ def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, ca
     assert code == 2
     assert "clip_bind_weight" in capsys.readouterr().err
     assert (smoke_run / "train_all.json").read_bytes() == record
-    from dataclasses import replace
 
     from kosmos_g.micro.train_all import SMOKE, train_all
 
@@ -76,6 +76,30 @@ def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, ca
     with pytest.raises(ValueError, match="clip_bind_weight=-1"):
         train_all(smoke_run / "never", smoke=True, clip_bind_weight=-1.0)
     assert not (smoke_run / "never").exists()
+
+
+def test_budget_local_queries_and_cell_labels_reach_stage1(smoke_run, tmp_path):
+    """``Budget(local_queries=, cell_label_weight=)`` trains stage 1 (the project's CLI, on the
+    world's caption shards) with local resampler queries and the per-cell loss on every
+    attribute the world labels; the export keeps the local queries for stages 2-3."""
+    import yaml
+
+    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
+
+    budget = replace(SMOKE, local_queries=True, cell_label_weight=4.0)
+    overrides = [o for o in _stage_overrides("stage1", smoke_run, budget, False) if not o.startswith("train.output_dir")]
+    assert cli_main(["train", "stage1", "--config", "micro-stage1", *overrides,
+                     f"train.output_dir={tmp_path / 'stage1'}"]) == 0
+    config = json.loads((tmp_path / "stage1" / "final" / "config.json").read_text())
+    assert config["resampler"]["local_queries"] is True
+    recipe = yaml.safe_load((tmp_path / "stage1" / "recipe.yaml").read_text())
+    assert recipe["stage1"]["cell_label_weight"] == 4.0
+    assert recipe["stage1"]["cell_classes"] == {"shape": len(world.SHAPES), "color": len(world.COLORS),
+                                                "pattern": len(world.PATTERNS)}
+    assert recipe["stage1"]["cells"] == len(world.POSITIONS)
+    # the shipped recipe: global queries, no per-cell loss
+    shipped = _stage_overrides("stage1", smoke_run, SMOKE, False)
+    assert not [o for o in shipped if "local_queries" in o or o.startswith("stage1.")]
 
 
 def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):

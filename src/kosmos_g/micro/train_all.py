@@ -61,6 +61,13 @@ class Budget:
     stage3_steps: int | None = None
     stage_batch: int | None = None
     """None: each recipe's own ``data.batch_size``."""
+    local_queries: bool = False
+    """Stage 1 builds the resampler with local queries (``ResamplerConfig.local_queries``: each
+    query reads one tile of micro-CLIP's patch grid), kept by stages 2-3. False: global queries,
+    the official design and the shipped recipe."""
+    cell_label_weight: float = 0.0
+    """Stage 1's per-cell attribute loss (``stage1.cell_label_weight``) on the caption shards'
+    ``cell_labels`` (each grid cell's shape, colour and pattern). 0: off, the shipped recipe."""
     stage1_captions: int = 12_000
     stage1_texts: int = 6_000
     stage1_entities: int = 8_000
@@ -217,7 +224,14 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
     common += [f"data.sources.{spec.source}.shards={sh / name}"
                for name, spec in SHARD_SETS.items() if spec.stage == stage]
     if stage == "stage1":
-        return common + [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}"]
+        common += [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}"]
+        if budget.local_queries:
+            common.append("model.config.resampler.local_queries=true")
+        if budget.cell_label_weight:
+            classes = ", ".join(f"{name}: {len(values)}" for name, values in world.CELL_ATTRIBUTES.items())
+            common += [f"stage1.cell_label_weight={budget.cell_label_weight}", f"stage1.cell_classes={{{classes}}}",
+                       f"stage1.cells={len(world.POSITIONS)}"]
+        return common
     if stage == "stage2":
         return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}"]
     return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
