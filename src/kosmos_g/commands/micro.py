@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=int, default=None,
                        help="CPU threads (default: 2 if available; with 2+, micro-SD trains beside stages 1-2)")
     train.add_argument("--clip-bind-weight", type=float, default=None, metavar="W",
-                       help="micro-CLIP's binding loss weight (default 0, the shipped recipe; 1.0 keeps two "
-                            "subjects' attributes apart in micro-SD, see docs/micro-notes.md, session 15)")
+                       help="micro-CLIP's binding loss weight (default 1.0, the shipped recipe, which keeps two "
+                            "subjects' attributes apart in micro-SD; 0 turns it off; docs/micro-notes.md, "
+                            "sessions 15-17)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=run_train_all)
 

@@ -42,15 +42,15 @@ class Budget:
 
     clip_steps: int = 2000
     clip_batch: int = 64
-    clip_bind_weight: float = 0.0
-    """micro-CLIP's binding loss (:func:`.standins.train_micro_clip`'s ``bind_weight``). 0 is the
-    shipped recipe; 1.0 lets micro-SD keep two subjects' colours apart (session 15,
-    docs/micro-notes.md) but the shipped models have not yet been retrained with it."""
-    sd_steps: int = 2000
+    clip_bind_weight: float = 1.0
+    """micro-CLIP's binding loss (:func:`.standins.train_micro_clip`'s ``bind_weight``): each
+    object's position word must say its shape, colour, pattern and size, so micro-SD keeps two
+    subjects' attributes apart (sessions 15-17, docs/micro-notes.md). 0: off (before session 17)."""
+    sd_steps: int = 1000
     sd_batch: int = 32
     sd_resolution: int = 32
     """micro-SD's resolution (= :data:`.standins.SD_SIZE`); stage-3 targets are rendered at it."""
-    sd_continue_steps: tuple[int, ...] = (1500, 1500, 1500)
+    sd_continue_steps: tuple[int, ...] = (1000, 1500, 1500, 1500)
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
     ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``. ``train-all`` trains them after
@@ -61,13 +61,13 @@ class Budget:
     stage3_steps: int | None = None
     stage_batch: int | None = None
     """None: each recipe's own ``data.batch_size``."""
-    local_queries: bool = False
+    local_queries: bool = True
     """Stage 1 builds the resampler with local queries (``ResamplerConfig.local_queries``: each
     query reads one tile of micro-CLIP's patch grid), kept by stages 2-3. False: global queries,
-    the official design and the shipped recipe."""
-    cell_label_weight: float = 0.0
+    the official design (before session 17)."""
+    cell_label_weight: float = 4.0
     """Stage 1's per-cell attribute loss (``stage1.cell_label_weight``) on the caption shards'
-    ``cell_labels`` (each grid cell's shape, colour and pattern). 0: off, the shipped recipe."""
+    ``cell_labels`` (each grid cell's shape, colour and pattern). 0: off (before session 17)."""
     stage1_captions: int = 12_000
     stage1_texts: int = 6_000
     stage1_entities: int = 8_000
@@ -79,6 +79,7 @@ class Budget:
 
 
 FULL = Budget()
+"""The shipped recipe (session 17)."""
 SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1), stage1_steps=2,
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
@@ -360,7 +361,8 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
         budget = SMOKE if smoke else FULL
     if clip_bind_weight is not None:
         if clip_bind_weight < 0:
-            raise ValueError(f"clip_bind_weight={clip_bind_weight} must be >= 0 (0: the shipped recipe)")
+            raise ValueError(f"clip_bind_weight={clip_bind_weight} must be >= 0 (0: off; the shipped recipe: "
+                             f"{FULL.clip_bind_weight})")
         budget = replace(budget, clip_bind_weight=clip_bind_weight)
     out = Path(out)
     record_path = out / "train_all.json"
