@@ -1,6 +1,6 @@
 """``kosmos-g micro train-all|eval|train-reader``: the micro world's models, from scratch, and their scores.
 
-    kosmos-g micro train-all --out runs/micro          # ~107 min on 2 fast CPU cores; resumable
+    kosmos-g micro train-all --out runs/micro          # ~112 min on 2 fast CPU cores (estimated); resumable
     kosmos-g micro train-all --out /tmp/m --smoke      # every step, a few iterations each
     kosmos-g micro eval                                # the shipped model: table + grid PNG
     kosmos-g micro eval --models runs/micro/release --quick
