@@ -183,10 +183,22 @@ def test_scores_are_perfect_on_real_renders_and_fail_on_wrong_ones():
         assert scored["color"] < 1.0 and scored["subject"] < 1.0 and scored["shape"] == 1.0
 
 
-def test_edit_followed_checks_the_instruction():
-    for case in E.edit_cases(12):
-        assert E.score_scene(case, _read(case.target))["edit"] == 1.0
-        assert E.score_scene(case, _read(case.source))["edit"] == 0.0
+def test_edit_scores_check_the_instruction_and_break_down_by_kind():
+    cases = E.edit_cases(12)
+    right = [E.score_scene(case, _read(case.target)) for case in cases]
+    unchanged = [E.score_scene(case, _read(case.source)) for case in cases]
+    assert all(r["edit"] == r["edit_kept"] == 1.0 for r in right)
+    assert all(u["edit"] == 0.0 and u["edit_kept"] == 1.0 for u in unchanged)
+    for case, u in zip(cases, unchanged):  # the part that fails names what was not done
+        kind = world.edit_kind(case.source, case.target)
+        assert u["edit_background"] == float(kind != "background")
+        assert u["edit_new"] == float(kind in ("background", "remove"))
+        assert u["edit_gone"] == float(kind in ("background", "add"))
+    by_kind = E.edits_by_kind(cases, right[:6] + unchanged[6:])
+    assert sum(k["n"] for k in by_kind.values()) == 12 and list(by_kind) == [k for k in world.EDIT_KINDS if k in by_kind]
+    for kind, row in by_kind.items():
+        ids = [i for i, c in enumerate(cases) if world.edit_kind(c.source, c.target) == kind]
+        assert row["edit"] == pytest.approx(sum(i < 6 for i in ids) / len(ids))
 
 
 def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_path):
@@ -196,6 +208,9 @@ def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_pa
     assert oracle["subject"] == oracle["context"] == oracle["edit"] == 1.0
     assert set(result["rows"]["Kosmos-G"]) >= {"subject", "two", "edit", "clip_i", "clip_t", "dino"}
     assert (tmp_path / "grid.png").is_file() and "| Kosmos-G |" in (tmp_path / "table.md").read_text()
+    by_kind = result["rows"]["Kosmos-G"]["edit_by_kind"]
+    assert sum(k["n"] for k in by_kind.values()) == result["settings"]["cases"]["edit"]
+    assert "| edits followed |" in (tmp_path / "table.md").read_text()
     with pytest.raises(FileNotFoundError, match="release folder"):
         E.evaluate(tmp_path / "nowhere", quick=True)
 

@@ -141,7 +141,7 @@ def test_edit_changes_exactly_the_edited_attribute(kind):
     n_objects = 1 if kind == "add" else 3 if kind == "remove" else None
     for scene in scenes(3, 60, n_objects=n_objects):
         src, tgt, text = w.make_edit(rng, scene, kind=kind)
-        assert src == scene and tgt != src
+        assert src == scene and tgt != src and w.edit_kind(src, tgt) == kind
         if kind in ("color", "pattern", "move"):
             index, fields = _single_difference(src, tgt)
             assert fields == {"position" if kind == "move" else kind}
@@ -171,6 +171,8 @@ def test_edit_rejects_kinds_that_do_not_apply():
         w.make_edit(np.random.default_rng(0), full, kind="add")
     with pytest.raises(ValueError, match="kind"):
         w.make_edit(np.random.default_rng(0), full, kind="rotate")
+    with pytest.raises(ValueError, match="same scene"):
+        w.edit_kind(full, full)
 
 
 def _reference_crop(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -162,18 +162,23 @@ def _key(o: ObjectSpec) -> tuple[str, str, str, str]:
     return (o.shape, o.color, o.pattern, o.position)
 
 
-def edit_followed(source: Scene, target: Scene, seen: Scene) -> bool:
-    """The instruction is carried out: the background as asked, every object the edit adds
-    (or changes into) is there and every object it removes (or changes from) is gone,
-    compared on shape, colour, pattern and position."""
+def edit_checks(source: Scene, target: Scene, seen: Scene) -> dict[str, bool]:
+    """The parts of an edit, each compared on shape, colour, pattern and position:
+    ``background`` as asked; ``new``: every object the edit adds (or changes into) is there;
+    ``gone``: every object it removes (or changes from) is not; ``kept``: every object it
+    leaves alone is still there. An edit is followed when the first three hold (``kept`` is
+    reported, not required: a model that redraws an untouched object slightly wrong still edited)."""
     src, tgt, got = ({_key(o) for o in s.objects} for s in (source, target, seen))
-    return seen.background == target.background and (tgt - src) <= got and not ((src - tgt) & got)
+    return {"background": seen.background == target.background, "new": (tgt - src) <= got,
+            "gone": not ((src - tgt) & got), "kept": (src & tgt) <= got}
 
 
 def score_scene(case: Case, seen: Scene) -> dict[str, float]:
     """Scores of one generated image, given the scene read back from it (see the module docstring)."""
     if case.source is not None:
-        return {"edit": float(edit_followed(case.source, case.target, seen))}
+        checks = edit_checks(case.source, case.target, seen)
+        return {"edit": float(checks["background"] and checks["new"] and checks["gone"]),
+                **{f"edit_{k}": float(v) for k, v in checks.items()}}
     free = list(seen.objects)
     rows = []
     for obj in case.target.objects:
@@ -364,6 +369,7 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
                 row["two_context"] = float(np.mean([p["context"] for p in per]))
             else:
                 row["edit"] = float(np.mean([p["edit"] for p in per]))
+                row["edit_by_kind"] = edits_by_kind(flat, per)
         row["s_per_image"] = (time.time() - t0) / max(1, n_images) if name != "real renders (oracle)" else 0.0
         table[name] = row
     result = {"rows": table, "settings": {
@@ -405,6 +411,39 @@ COLUMNS = (("subject", "subject (3 attrs)"), ("shape", "shape"), ("color", "colo
            ("clip_t", "CLIP-T~"), ("dino", "DINO~"), ("s_per_image", "s/image"))
 
 
+EDIT_PARTS = ("edit", "edit_background", "edit_new", "edit_gone", "edit_kept")
+
+
+def edits_by_kind(cases: Sequence[Case], scores: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per edit kind (``world.EDIT_KINDS`` order): ``n`` and the mean of each part of
+    :func:`edit_checks` (``edit`` = followed)."""
+    out: dict[str, dict[str, float]] = {}
+    kinds = [world.edit_kind(c.source, c.target) for c in cases]
+    for kind in world.EDIT_KINDS:
+        rows = [p for k, p in zip(kinds, scores) if k == kind]
+        if rows:
+            out[kind] = {"n": len(rows), **{part: float(np.mean([r[part] for r in rows])) for part in EDIT_PARTS}}
+    return out
+
+
+def format_edits(result: dict[str, Any]) -> str:
+    """Per model with edits, followed / n by kind, and why the others failed."""
+    lines = ["| edits followed | " + " | ".join(world.EDIT_KINDS) + " |", "|" + "---|" * (len(world.EDIT_KINDS) + 1)]
+    for name, row in result["rows"].items():
+        kinds = row.get("edit_by_kind")
+        if not kinds:
+            continue
+        cells = [f"{round(k['edit'] * k['n'])}/{k['n']}" if (k := kinds.get(kind)) else "-"
+                 for kind in world.EDIT_KINDS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for part, title in (("edit_background", "background right"), ("edit_new", "new object there"),
+                            ("edit_gone", "old object gone"), ("edit_kept", "others kept")):
+            cells = [f"{round(k[part] * k['n'])}/{k['n']}" if (k := kinds.get(kind)) else "-"
+                     for kind in world.EDIT_KINDS]
+            lines.append(f"| &nbsp; {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (accuracies in %, similarities as cosines)."""
     head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
@@ -430,6 +469,9 @@ def format_table(result: dict[str, Any]) -> str:
                  f"guidance {s['guidance_scale']}, {s['threads']} threads.")
     if "single_image_s" in result:
         lines.append(f"One image (batch 1, encoding included): {result['single_image_s']:.2f} s.")
+    edits = format_edits(result)
+    if edits:
+        lines += ["", edits]
     return "\n".join(lines)
 
 

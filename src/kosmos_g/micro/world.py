@@ -517,6 +517,25 @@ def make_edit(
     return scene, target, template.format(ref=ref, value=value)
 
 
+def edit_kind(source: Scene, target: Scene) -> str:
+    """Which of ``EDIT_KINDS`` turns ``source`` into ``target`` (as :func:`make_edit` made them).
+
+    Example:
+        >>> a = Scene("gray", (ObjectSpec("circle", "red", "solid", "large", "left"),))
+        >>> edit_kind(a, replace(a, background="blue")), edit_kind(a, replace(a, objects=()))
+        ('background', 'remove')
+    """
+    if source.background != target.background:
+        return "background"
+    if len(target.objects) != len(source.objects):
+        return "add" if len(target.objects) > len(source.objects) else "remove"
+    for a, b in zip(source.objects, target.objects):
+        for field, kind in (("color", "color"), ("pattern", "pattern"), ("position", "move")):
+            if getattr(a, field) != getattr(b, field):
+                return kind
+    raise ValueError(f"source and target are the same scene ({source}); an edit changes one attribute")
+
+
 def canonical_caption(scene: Scene) -> str:
     """The one caption of what ``scene`` looks like: objects in reading order (top left to
     bottom right), the first grammar variant. A caption drawn with a generator picks one of
