@@ -102,6 +102,26 @@ def test_budget_local_queries_and_cell_labels_reach_stage1(smoke_run, tmp_path):
     assert not [o for o in off if "local_queries" in o or o.startswith("stage1.")]
 
 
+def test_budget_stage3_cell_labels_read_the_edit_shards_source_labels(smoke_run):
+    """``Budget(stage3_cell_label_weight=)`` turns on stage 3's per-cell loss over every
+    attribute the world labels, and the edit shards train-all writes carry the labels of
+    each source scene (the cells of the picture the prompt shows)."""
+    from kosmos_g.data.shards import expand_shards, iter_shards
+    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
+    from kosmos_g.train.recipe import load_recipe
+
+    on = _stage_overrides("stage3", smoke_run, replace(SMOKE, stage3_cell_label_weight=2.0), False)
+    recipe = load_recipe("micro-stage3", on)
+    recipe.validate("stage3")
+    assert recipe.stage3.cell_label_weight == 2.0 and recipe.stage3.cells == len(world.POSITIONS)
+    assert recipe.stage3.cell_classes == {name: len(v) for name, v in world.CELL_ATTRIBUTES.items()}
+    assert not [o for o in _stage_overrides("stage3", smoke_run, SMOKE, False) if "cell" in o]
+    for raw in iter_shards(expand_shards(smoke_run / "shards" / "stage3-edit")):
+        meta = json.loads(raw["json"])
+        shapes = meta["src_cell_labels"]["shape"]
+        assert len(shapes) == len(world.POSITIONS) and 1 <= sum(s is not None for s in shapes) <= world.MAX_OBJECTS
+
+
 def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):
     """Stage 3 on micro-SD (no vae/) trains on the target pixels themselves, in [-1, 1]."""
     from accelerate import Accelerator

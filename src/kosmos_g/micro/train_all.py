@@ -68,6 +68,10 @@ class Budget:
     cell_label_weight: float = 4.0
     """Stage 1's per-cell attribute loss (``stage1.cell_label_weight``) on the caption shards'
     ``cell_labels`` (each grid cell's shape, colour and pattern). 0: off (before session 17)."""
+    stage3_cell_label_weight: float = 0.0
+    """Stage 3's per-cell attribute loss (``stage3.cell_label_weight``) on the edit shards'
+    ``src_cell_labels`` (each cell of the source scene): the resampler keeps the scene an edit
+    redraws. 0: off (session 18's trial, docs/micro-notes.md)."""
     stage1_captions: int = 12_000
     stage1_texts: int = 6_000
     stage1_entities: int = 8_000
@@ -228,15 +232,21 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
         common += [f"model.tokenizer={out / 'tokenizer'}", f"model.vision_init={out / 'clip' / 'vision'}"]
         if budget.local_queries:
             common.append("model.config.resampler.local_queries=true")
-        if budget.cell_label_weight:
-            classes = ", ".join(f"{name}: {len(values)}" for name, values in world.CELL_ATTRIBUTES.items())
-            common += [f"stage1.cell_label_weight={budget.cell_label_weight}", f"stage1.cell_classes={{{classes}}}",
-                       f"stage1.cells={len(world.POSITIONS)}"]
-        return common
+        return common + _cell_overrides("stage1", budget.cell_label_weight)
     if stage == "stage2":
         return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}"]
     return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
-                     f"stage3.resolution={budget.sd_resolution}"]
+                     f"stage3.resolution={budget.sd_resolution}",
+                     *_cell_overrides("stage3", budget.stage3_cell_label_weight)]
+
+
+def _cell_overrides(stage: str, weight: float) -> list[str]:
+    """``<stage>.cell_label_weight`` on the world's per-cell labels (none when ``weight`` is 0)."""
+    if not weight:
+        return []
+    classes = ", ".join(f"{name}: {len(values)}" for name, values in world.CELL_ATTRIBUTES.items())
+    return [f"{stage}.cell_label_weight={weight}", f"{stage}.cell_classes={{{classes}}}",
+            f"{stage}.cells={len(world.POSITIONS)}"]
 
 
 EXAMPLE_SUBJECTS = {  # held-out subjects: never a stage-3 subject, so generating them is zero-shot

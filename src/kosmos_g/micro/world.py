@@ -671,8 +671,9 @@ def edit_sample(
     rng: np.random.Generator, *, size: int = 64, target_size: int | None = None,
     exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
-    """An ``edit`` sample: the source caption, the instruction and the edited scene's
-    :func:`canonical_caption` (``target_caption``), ``"src.png"`` and ``"tgt.png"``;
+    """An ``edit`` sample: the source caption, the instruction, the edited scene's
+    :func:`canonical_caption` (``target_caption``) and the source's :func:`cell_labels`
+    (``src_cell_labels``, for ``stage3.cell_label_weight``), ``"src.png"`` and ``"tgt.png"``;
     ``with_foreground``: also ``"tgt_fg.png"``, the objects of the target *and* the source
     at the target's size (a removed or moved object's old place is where the edit shows).
 
@@ -686,7 +687,7 @@ def edit_sample(
     source, target = render(src, size), render(tgt, target_size or size)
     sample = {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction,
-                 "target_caption": canonical_caption(tgt)},
+                 "target_caption": canonical_caption(tgt), "src_cell_labels": cell_labels(src)},
         "src.png": source.image,
         "tgt.png": target.image,
     }

@@ -68,8 +68,9 @@ class LabelledDocument(ProcessedPrompt):
     """(images, cells, attributes), attributes in ``stage1.cell_classes`` order."""
 
 
-def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: Any = None) -> list[list[int]]:
-    """A sample's ``"cell_labels"`` (``{attribute: [class or null per cell]}``) as (cells,
+def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: Any = None, *,
+                      field: str = "cell_labels", stage: str = "stage1") -> list[list[int]]:
+    """A sample's ``field`` (``{attribute: [class or null per cell]}``) as (cells,
     attributes) class indices, -1 where a cell or an attribute has no label. Attributes not
     in ``classes`` are ignored; a list of the wrong length or a class out of range is a
     :class:`BadSample`.
@@ -82,20 +83,20 @@ def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: A
     if value is None:
         return rows
     if not isinstance(value, dict):
-        raise BadSample(f"sample {key!r}: cell_labels must map attributes to per-cell lists, got {value!r}.")
+        raise BadSample(f"sample {key!r}: {field} must map attributes to per-cell lists, got {value!r}.")
     for a, (name, n) in enumerate(classes.items()):
         labels = value.get(name)
         if labels is None:
             continue
         if not isinstance(labels, list) or len(labels) != cells:
-            raise BadSample(f"sample {key!r}: cell_labels.{name} must list {cells} cells (stage1.cells), "
+            raise BadSample(f"sample {key!r}: {field}.{name} must list {cells} cells ({stage}.cells), "
                             f"got {labels!r}.")
         for c, v in enumerate(labels):
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
-                raise BadSample(f"sample {key!r}: cell_labels.{name}[{c}]={v!r} is not a class in [0, {n}) "
-                                f"(stage1.cell_classes.{name}={n}).")
+                raise BadSample(f"sample {key!r}: {field}.{name}[{c}]={v!r} is not a class in [0, {n}) "
+                                f"({stage}.cell_classes.{name}={n}).")
             rows[c][a] = v
     return rows
 
@@ -182,6 +183,23 @@ class CellLabelHead(nn.Module):
                                             ignore_index=-1, reduction="sum")
         return total, (labels >= 0).sum()
 
+    def collate(self, per_example: Sequence[Sequence[list[list[int]]]]) -> torch.Tensor:
+        """Examples' per-image label rows -> (images, cells, attributes), images in batch order."""
+        rows = [r for labels in per_example for r in labels]
+        return (torch.tensor(rows, dtype=torch.long) if rows else
+                torch.zeros((0, self.cells, len(self.classes)), dtype=torch.long))
+
+    def mean_loss(self, features: torch.Tensor | None, labels: torch.Tensor | None, slots: int, width: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean cross-entropy, its sum, labelled entries)`` of a batch's images; a batch
+        without images (``features`` None) gives 0 through a zero input, which keeps the
+        head in the graph (every process must use every parameter)."""
+        if features is None:
+            features = torch.zeros(1, slots, width, device=device)
+            labels = torch.full((1, self.cells, len(self.classes)), -1, device=device)
+        ce_sum, labelled = self(features, labels)
+        return ce_sum / labelled.clamp(min=1), ce_sum, labelled
+
 
 class LMModule(nn.Module):
     """Next-token loss over text targets; ``forward(batch) -> {"loss": (sum, tokens)}``.
@@ -213,14 +231,9 @@ class LMModule(nn.Module):
         tokens = keep.sum()
         out = {"loss": (loss_sum, tokens)}
         if self.cell_head is not None:
-            if feats is None:  # no image: a zero input keeps the head in the graph
-                r = self.model.config.resampler
-                feats = torch.zeros(1, r.num_queries, r.output_dim, device=hidden.device)
-                labels = torch.full((1, self.cell_head.cells, len(self.cell_head.classes)), -1, device=hidden.device)
-            else:
-                labels = batch["cell_labels"]
-            ce_sum, labelled = self.cell_head(feats, labels)
-            mean = ce_sum / labelled.clamp(min=1)
+            r = self.model.config.resampler
+            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), r.num_queries,
+                                                              r.output_dim, hidden.device)
             out["loss"] = (loss_sum + self.cell_weight * mean * tokens, tokens)
             out["cells"] = (ce_sum.detach(), labelled)
         return out
@@ -253,8 +266,6 @@ class Stage1(Stage):
     def collate(self, examples: Sequence[ProcessedPrompt]) -> dict[str, torch.Tensor]:
         batch = self.processor.collate(examples)
         if self.module.cell_head is not None:
-            rows = [r for ex in examples for r in ex.cell_labels]  # type: ignore[attr-defined]
-            head = self.module.cell_head
-            batch["cell_labels"] = (torch.tensor(rows, dtype=torch.long) if rows else
-                                    torch.zeros((0, head.cells, len(head.classes)), dtype=torch.long))
+            batch["cell_labels"] = self.module.cell_head.collate(
+                [ex.cell_labels for ex in examples])  # type: ignore[attr-defined]
         return batch
