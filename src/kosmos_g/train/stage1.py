@@ -166,6 +166,7 @@ class CellLabelHead(nn.Module):
         super().__init__()
         self.classes = tuple(int(n) for n in classes)
         self.cells = cells
+        self.slots, self.width = slots, width
         self.proj = nn.Linear(slots * width, cells * sum(self.classes))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -189,13 +190,13 @@ class CellLabelHead(nn.Module):
         return (torch.tensor(rows, dtype=torch.long) if rows else
                 torch.zeros((0, self.cells, len(self.classes)), dtype=torch.long))
 
-    def mean_loss(self, features: torch.Tensor | None, labels: torch.Tensor | None, slots: int, width: int,
+    def mean_loss(self, features: torch.Tensor | None, labels: torch.Tensor | None,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean cross-entropy, its sum, labelled entries)`` of a batch's images; a batch
         without images (``features`` None) gives 0 through a zero input, which keeps the
         head in the graph (every process must use every parameter)."""
         if features is None:
-            features = torch.zeros(1, slots, width, device=device)
+            features = torch.zeros(1, self.slots, self.width, device=device)
             labels = torch.full((1, self.cells, len(self.classes)), -1, device=device)
         ce_sum, labelled = self(features, labels)
         return ce_sum / labelled.clamp(min=1), ce_sum, labelled
@@ -231,9 +232,7 @@ class LMModule(nn.Module):
         tokens = keep.sum()
         out = {"loss": (loss_sum, tokens)}
         if self.cell_head is not None:
-            r = self.model.config.resampler
-            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), r.num_queries,
-                                                              r.output_dim, hidden.device)
+            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), hidden.device)
             out["loss"] = (loss_sum + self.cell_weight * mean * tokens, tokens)
             out["cells"] = (ce_sum.detach(), labelled)
         return out

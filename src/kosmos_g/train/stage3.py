@@ -280,9 +280,7 @@ class DiffusionModule(nn.Module):
             per = per + self.text_align_weight * align
         total = per.sum()
         if self.cell_head is not None:  # w x the mean over labelled entries, on top of the per-sample mean
-            r = self.model.config.resampler
-            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), r.num_queries,
-                                                              r.output_dim, per.device)
+            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), per.device)
             total = total + self.cell_weight * mean * n
             out["cells"] = (ce_sum.detach(), labelled)
         out["loss"] = (total, n)
