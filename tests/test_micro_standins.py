@@ -376,6 +376,34 @@ def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
         S.train_micro_sd(tmp_path / "sd", clip_dir, prediction_type="x0", smoke=True, progress=False)
     with pytest.raises(FileNotFoundError, match="micro-CLIP"):
         S.train_micro_sd(tmp_path / "sd", tmp_path / "missing", smoke=True, progress=False)
+    with pytest.raises(ValueError, match=r"precision='fp8' is unknown; use one of \['fp32', 'bf16', 'auto'\]"):
+        S.train_micro_sd(tmp_path / "sd", clip_dir, precision="fp8", smoke=True, progress=False)
+    assert not (tmp_path / "sd").exists()
+
+
+def test_bf16_micro_sd_runs_the_unet_in_bf16_and_keeps_fp32_weights(tmp_path, clip_dir, sd_dir, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, *args, **kwargs):
+        out = forward(self, sample, *args, **kwargs)
+        seen.append((self.training, out.sample.dtype))
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    bf16 = S.train_micro_sd(tmp_path / "sd", clip_dir, smoke=True, progress=False, precision="bf16")
+    assert seen and all(dtype == torch.bfloat16 for training, dtype in seen if training)
+    recipe = json.loads((bf16 / "train_log.json").read_text())["recipe"]
+    assert recipe["precision"] == "bf16"
+    a, b = (UNet2DConditionModel.from_pretrained(d / "unet") for d in (bf16, sd_dir))
+    assert a.dtype == torch.float32
+    diffs = [(p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())]
+    assert 0 < max(diffs) < 0.1  # the same recipe, rounded differently
+    images = S.generate_micro_sd(bf16, ["a large red solid star in the center, on a gray background"],
+                                 num_inference_steps=2)
+    assert images.shape == (1, S.SD_SIZE, S.SD_SIZE, 3)
 
 
 def test_interrupted_micro_sd_run_resumes_to_the_same_weights(tmp_path, clip_dir, monkeypatch):

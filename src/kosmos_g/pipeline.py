@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .kernels import use_matmul_attention_if_small
 from .models import KosmosG, resolve_dtype
 from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt
 from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
@@ -380,6 +381,7 @@ class KosmosGPipeline:
         processor = KosmosGProcessor.from_pretrained(kosmos_dir)
         load = {"torch_dtype": dtype} if dtype is not None else {}
         unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"), **load)
+        use_matmul_attention_if_small(unet)  # the micro world's 8x8 maps; SD1.5 keeps the fused kernel
         vae = None if pixel_space else AutoencoderKL.from_pretrained(str(sd_dir / "vae"), **load)
         config = json.loads((sd_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
         sched = make_scheduler(scheduler, config)
