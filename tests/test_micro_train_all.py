@@ -9,8 +9,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from kosmos_g.cli import main as cli_main
+from kosmos_g.kernels import resolve_precision
 from kosmos_g.micro import evaluate as E
 from kosmos_g.micro import world
 from kosmos_g.micro.world import ObjectSpec, Scene
@@ -31,16 +33,19 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
         # stages 1-2 on one thread beside it, stage 3 as 2 data-parallel processes (accelerate launch)
         assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
     assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
-                                      "micro-sd-continue", "stage3", "release"}
+                                      "stage3", "release"}
     # micro-SD is three runs, each continuing from the U-Net of the one before
     runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"]
             for name in ("sd-phase1", "sd-phase2", "sd")]
     assert [(r["steps"], r["seed"], r["resumed_from"]) for r in runs] == [
         (3, 0, None), (2, 1, str(smoke_run / "sd-phase1" / "unet")), (1, 1, str(smoke_run / "sd-phase2" / "unet"))]
     assert {(r["lr"], r["warmup"]) for r in runs[1:]} == {(5e-4, 50)}
-    # the first run shares the cores with stages 1-2; the continuations, after them, take them all
-    threads = min(2, os.cpu_count() or 1)
-    assert [r["threads"] for r in runs] == [1, threads, threads]
+    # each run shares the cores with stages 1-2 while they run, and takes them all after
+    # (test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done)
+    assert {r["threads"] for r in runs} <= {1, min(2, os.cpu_count() or 1)}
+    precision = resolve_precision("auto")  # the budget's unet_precision, as this machine resolves it
+    assert {r["precision"] for r in runs} == {precision}
+    assert yaml.safe_load((smoke_run / "stage3" / "recipe.yaml").read_text())["stage3"]["unet_precision"] == "auto"
     for stage in ("stage1", "stage2", "stage3"):
         summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
         assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI
@@ -56,6 +61,33 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
     stamp = weights.stat().st_mtime_ns
     assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress"]) == 0
     assert weights.stat().st_mtime_ns == stamp
+
+
+class _Event:
+    def __init__(self, after: int) -> None:
+        self.calls, self.after = 0, after
+
+    def is_set(self) -> bool:
+        self.calls += 1
+        return self.calls > self.after
+
+
+def test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done(smoke_run, tmp_path):
+    """train-all's micro-SD child: one thread until the event says stages 1-2 are done, then all."""
+    from kosmos_g.micro.train_all import SMOKE, _train_sd_process
+
+    n = torch.get_num_threads()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "clip").symlink_to(smoke_run / "clip")
+    try:
+        event = _Event(after=4)  # set from the 5th step on: the second run's second (the first run has 3)
+        _train_sd_process(str(out), SMOKE, False, 2, event)
+    finally:
+        torch.set_num_threads(n)
+    runs = [json.loads((out / name / "train_log.json").read_text())["recipe"] for name in ("sd-phase1", "sd-phase2", "sd")]
+    assert [r["threads"] for r in runs] == [1, 2, 2]
+    assert event.calls == 6  # asked before every step (3 + 2 + 1), never after
 
 
 def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, capsys):

@@ -722,3 +722,44 @@ def test_stage1_cell_head_learns_and_resumes_exactly_and_is_not_exported(world, 
     rows, resumed = read_csv(full), read_csv(cut)
     assert any(math.isfinite(float(r["cells"])) for r in rows)
     np.testing.assert_allclose([float(r["cells"]) for r in resumed], [float(r["cells"]) for r in rows], rtol=1e-6)
+
+
+def test_stage3_unet_precision_bf16_autocasts_only_the_frozen_unet(world, runs, tmp_path, monkeypatch):
+    """``stage3.unet_precision=bf16``: the U-Net's pass is bfloat16, the trained encoder and its
+    exported weights stay float32, and the losses stay those of the float32 run to bf16 rounding."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from kosmos_g.models.aligner import AlignerNet
+
+    seen: dict[str, set] = {"unet": set(), "aligner": set(), "processors": set()}
+    unet_forward, aligner_forward = UNet2DConditionModel.forward, AlignerNet.forward
+
+    def unet_spy(self, *args, **kwargs):
+        out = unet_forward(self, *args, **kwargs)
+        seen["unet"].add(out.sample.dtype)
+        seen["processors"] |= {type(p) for p in self.attn_processors.values()}
+        return out
+
+    def aligner_spy(self, *args, **kwargs):
+        out = aligner_forward(self, *args, **kwargs)
+        seen["aligner"].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_spy)
+    monkeypatch.setattr(AlignerNet, "forward", aligner_spy)
+    out = tmp_path / "bf16"
+    run_cli(cli_args(world, "stage3", out, "stage3.unet_precision=bf16", "train.stop_after=3"))
+    assert seen == {"unet": {torch.bfloat16}, "aligner": {torch.float32}, "processors": {AttnProcessor}}
+    got, want = read_csv(out), read_csv(runs["stage3"])[:3]
+    np.testing.assert_allclose([float(r["loss"]) for r in got], [float(r["loss"]) for r in want], rtol=0.05)
+    assert [float(r["loss"]) for r in got] != [float(r["loss"]) for r in want]  # bf16 did round
+    (saved,) = out.glob("checkpoints/step-*/trainable.safetensors")
+    assert {t.dtype for t in load_file(str(saved)).values()} == {torch.float32}
+
+
+def test_stage3_unet_precision_rejects_other_values(world, tmp_path, capsys):
+    fresh_process_state()
+    assert main(cli_args(world, "stage3", tmp_path / "x", "stage3.unet_precision=fp16")) == 2
+    assert "stage3.unet_precision must be bf16, auto or null, got 'fp16'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -53,8 +53,13 @@ class Budget:
     sd_continue_steps: tuple[int, ...] = (1000, 1500, 1500, 1500)
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
-    ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``. ``train-all`` trains them after
-    stages 1-2, on every thread."""
+    ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``."""
+    unet_precision: str = "auto"
+    """The micro U-Net's precision in micro-SD's training and in stage 3's pass through it
+    (:func:`.standins.train_micro_sd`'s ``precision``, ``stage3.unet_precision``): ``"auto"`` is
+    bfloat16 autocast on CPUs that compute it natively (AVX512-BF16, AMX), where it halves a
+    micro-SD step and takes a quarter off a stage-3 step, and float32 elsewhere, the recipe of
+    session 17 (docs/micro-notes.md, session 21). ``"fp32"``, ``"bf16"``: that one everywhere."""
     stage1_steps: int | None = None
     """None: the ``micro-stage1`` recipe's ``train.max_steps`` (likewise for stages 2 and 3)."""
     stage2_steps: int | None = None
@@ -236,7 +241,7 @@ def _stage_overrides(stage: str, out: Path, budget: Budget, progress: bool) -> l
     if stage == "stage2":
         return common + [f"model.init={out / 'stage1' / 'final'}", f"stage2.clip_path={out / 'clip'}"]
     return common + [f"model.init={out / 'stage2' / 'final'}", f"stage3.sd_path={out / 'sd'}",
-                     f"stage3.resolution={budget.sd_resolution}",
+                     f"stage3.resolution={budget.sd_resolution}", f"stage3.unet_precision={budget.unet_precision}",
                      *_cell_overrides("stage3", budget.stage3_cell_label_weight)]
 
 
@@ -303,35 +308,40 @@ def _sd_folders(out: Path, budget: Budget) -> list[Path]:
     return [out / f"sd-phase{i}" for i in range(1, runs)] + [out / "sd"]
 
 
-def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *, first_only: bool = False) -> Path:
+def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
+             step_callback: Callable[[int], None] | None = None) -> Path:
     """micro-SD into ``out/sd``: a first run, then one continuation per entry of
     ``budget.sd_continue_steps``; every run but the last goes to ``out/sd-phase<i>``. Each run
     is skipped when its folder exists, so an interrupted ``train-all`` resumes at the run it
-    was in. ``first_only``: only the first run (``train-all`` runs it beside stages 1-2 and the
-    continuations after them, on every thread). Returns the last folder trained."""
+    was in. ``step_callback`` is passed to every run (:func:`.standins.train_micro_sd`).
+    Returns the last folder."""
     from .standins import train_micro_sd
 
     out = Path(out)
     folders = _sd_folders(out, budget)
+    common = dict(batch_size=budget.sd_batch, resolution=budget.sd_resolution, precision=budget.unet_precision,
+                  progress=progress, step_callback=step_callback)
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, batch_size=budget.sd_batch,
-                       resolution=budget.sd_resolution, progress=progress)
-    if first_only:
-        return folders[0]
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **common)
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
-            train_micro_sd(folder, out / "clip", steps=steps, batch_size=budget.sd_batch, lr=5e-4, warmup=50,
-                           seed=1, resume_unet=previous / "unet", resolution=budget.sd_resolution,
-                           progress=progress)
+            train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
+                           resume_unet=previous / "unet", **common)
     return folders[-1]
 
 
-def _train_sd_process(out: str, budget: Budget, progress: bool) -> None:
-    """micro-SD's first run on one thread, in a child process (runs beside stages 1 and 2)."""
+def _train_sd_process(out: str, budget: Budget, progress: bool, threads: int, others_done: Any) -> None:
+    """Every micro-SD run, in a child process: on one thread while stages 1 and 2 run beside it,
+    on ``threads`` once ``others_done`` (a multiprocessing event) is set."""
     import torch
 
     torch.set_num_threads(1)
-    train_sd(out, budget, progress, first_only=True)
+
+    def more_threads(step: int) -> None:
+        if others_done.is_set() and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    train_sd(out, budget, progress, step_callback=more_threads)
 
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
@@ -344,11 +354,11 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     from Python). ``clip_bind_weight`` replaces the budget's :attr:`Budget.clip_bind_weight`. A folder
     started with another budget is refused (its finished steps would be mixed into this one).
 
-    With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's first run trains
-    in a child process on one thread while stages 1 and 2 (which do not need it) run here on
-    another; micro-SD's continuations then train here on ``threads`` threads (micro-SD's 32-px
-    batch of 32: ~0.75 s/step on one thread, 0.51 on two), and stage 3 (and stages 1-2 when
-    micro-SD's first run is already done) runs as ``threads`` one-thread data-parallel processes
+    With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's runs train in a
+    child process, on one thread while stages 1 and 2 (which do not need it) run here on
+    another, and on ``threads`` threads from the step after they finish (micro-SD's 32-px batch
+    of 32 in bfloat16 on a CPU that has it: ~0.8 s/step on one thread, ~0.5 on two), and stage 3
+    (and stages 1-2 when micro-SD is already done) runs as ``threads`` one-thread data-parallel processes
     under ``accelerate launch``: on a 2-core laptop two one-thread jobs do nearly twice the work
     of one two-thread job (small convolutions and matmuls scale poorly across threads; stage 3
     measured 0.79 s/step as 2 processes against 1.54 s/step on one thread, and two threads in
@@ -404,13 +414,15 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
         progress=progress))
     sd_job = None
     sd_start = time.time()
-    if threads >= 2 and not _sd_folders(out, budget)[0].exists():
-        sd_job = multiprocessing.get_context("spawn").Process(
-            target=_train_sd_process, args=(str(out), budget, progress), name="micro-sd")
+    if threads >= 2 and not (out / "sd").exists():
+        context = multiprocessing.get_context("spawn")
+        others_done = context.Event()
+        sd_job = context.Process(target=_train_sd_process, args=(str(out), budget, progress, threads, others_done),
+                                 name="micro-sd")
         sd_job.start()
         torch.set_num_threads(1)
     else:
-        step("micro-sd", _sd_folders(out, budget)[0], lambda: train_sd(out, budget, progress, first_only=True))
+        step("micro-sd", out / "sd", lambda: train_sd(out, budget, progress))
     try:
         step("shards", out / "shards" / "DONE", lambda: (write_shards(out / "shards", budget, progress=progress),
                                                          (out / "shards" / "DONE").touch()))
@@ -421,6 +433,8 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
             step(stage, out / stage / "final", lambda s=stage, n=procs: _train_stage(
                 s, out, _stage_overrides(s, out, budget, progress), n))
         if sd_job is not None:
+            others_done.set()  # micro-SD takes every thread from its next step
+            record["stages_1_2_done_after_s"] = round(time.time() - sd_start, 1)  # micro-SD alone after this
             sd_job.join()
             if sd_job.exitcode != 0:
                 raise RuntimeError(f"micro-SD training failed (exit {sd_job.exitcode}); re-run train-all to retry.")
@@ -430,8 +444,6 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     finally:
         if sd_job is not None and sd_job.is_alive():
             sd_job.terminate()
-    if budget.sd_continue_steps:  # after stages 1-2, on every thread
-        step("micro-sd-continue", out / "sd", lambda: train_sd(out, budget, progress))
     if not (out / "stage3" / "final").exists():
         record.setdefault("stage_processes", {})["stage3"] = threads
     step("stage3", out / "stage3" / "final", lambda: _train_stage(

@@ -274,6 +274,12 @@ class Stage3Spec(CellLabelSpec):
     min_caption_image_size: int = 0
     """Caption samples whose image is smaller than this on either side are filtered (official: 384)."""
     train_vision_last_block: bool = True
+    unet_precision: str | None = None
+    """``bf16``: the frozen U-Net runs under bfloat16 autocast whatever ``train.precision`` is
+    (the trained encoder keeps it); ``auto``: so where the hardware computes bfloat16 natively
+    (:func:`kosmos_g.kernels.resolve_precision`: AVX512-BF16/AMX CPUs, bf16 GPUs), else as
+    ``train.precision``; null: as ``train.precision``. For CPU training, where the U-Net is most
+    of a step and the encoder's small matmuls are faster in float32 (the micro recipe)."""
     latent_cache: str | None = None
     """Folder caching the VAE posterior of each target, keyed by source and sample key."""
     precompute_latents: bool = False
@@ -295,6 +301,8 @@ class Stage3Spec(CellLabelSpec):
             raise ValueError(f"stage3.resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"stage3.prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}.")
+        if self.unet_precision not in (None, "bf16", "auto"):
+            raise ValueError(f"stage3.unet_precision must be bf16, auto or null, got {self.unet_precision!r}.")
         if self.precompute_latents and not self.latent_cache:
             raise ValueError("stage3.precompute_latents needs stage3.latent_cache (a folder).")
 

@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.shards import BadSample, decode_image, image_member, image_size, iter_shard, validate_sample
+from ..kernels import resolve_precision, use_matmul_attention_if_small
 from ..processing import KosmosGProcessor
 from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
@@ -234,8 +235,9 @@ class DiffusionModule(nn.Module):
 
     def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
                  text_align_weight: float = 0.0, cell_head: CellLabelHead | None = None,
-                 cell_weight: float = 0.0) -> None:
+                 cell_weight: float = 0.0, unet_bf16: bool = False) -> None:
         super().__init__()
+        self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
         self.noise_scheduler = noise_scheduler
@@ -265,7 +267,8 @@ class DiffusionModule(nn.Module):
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.unet_bf16):
+            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
         err = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
         if batch.get("loss_weight") is not None:  # (B, 1, h, w), mean 1 per sample
             err = err * batch["loss_weight"]
@@ -339,6 +342,11 @@ class Stage3(Stage):
         for net in (self.unet, self.vae):
             if net is not None:
                 net.requires_grad_(False).eval().to(self.device)
+        use_matmul_attention_if_small(self.unet)  # micro-SD's 8x8 maps; SD1.5 keeps the fused kernel
+        unet_bf16 = spec.unet_precision is not None and resolve_precision(spec.unet_precision, self.device) == "bf16"
+        if unet_bf16:
+            logger.info("stage3: the frozen U-Net runs under bfloat16 autocast (stage3.unet_precision=%s)",
+                        spec.unet_precision)
         if recipe.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
             self.unet.enable_gradient_checkpointing()
@@ -359,7 +367,7 @@ class Stage3(Stage):
             head = CellLabelHead(r.num_queries, r.output_dim, spec.cell_classes.values(), spec.cells)
         self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
                                       self.source_names, text_align_weight=spec.text_align_weight,
-                                      cell_head=head, cell_weight=spec.cell_label_weight)
+                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16)
         self.builder = Stage3Builder(
             self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
