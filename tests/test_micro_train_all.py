@@ -107,6 +107,12 @@ def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, ca
     assert (smoke_run / "train_all.json").read_bytes() == record
     with pytest.raises(ValueError, match="clip_bind_weight=-1"):
         train_all(smoke_run / "never", smoke=True, clip_bind_weight=-1.0)
+    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
+                     "--unet-precision", "fp32"]) == 2  # the smoke run was started with "auto"
+    assert "differing: ['unet_precision']" in capsys.readouterr().err
+    assert (smoke_run / "train_all.json").read_bytes() == record
+    with pytest.raises(ValueError, match=r"precision='fp16' is unknown; use one of \['fp32', 'bf16', 'auto'\]"):
+        train_all(smoke_run / "never", smoke=True, unet_precision="fp16")
     assert not (smoke_run / "never").exists()
 
 

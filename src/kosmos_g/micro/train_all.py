@@ -346,12 +346,12 @@ def _train_sd_process(out: str, budget: Budget, progress: bool, threads: int, ot
 
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
               threads: int | None = None, clip_bind_weight: float | None = None,
-              budget: Budget | None = None) -> dict[str, Any]:
+              unet_precision: str | None = None, budget: Budget | None = None) -> dict[str, Any]:
     """Run every step into ``out`` (see the module docstring); returns and writes
     ``out/train_all.json`` with each step's wall seconds (0 for a step found done).
 
     ``budget`` replaces the recipe (:data:`FULL`, or :data:`SMOKE` with ``smoke``; a trial recipe
-    from Python). ``clip_bind_weight`` replaces the budget's :attr:`Budget.clip_bind_weight`. A folder
+    from Python). ``clip_bind_weight`` and ``unet_precision`` replace the budget's fields of those names. A folder
     started with another budget is refused (its finished steps would be mixed into this one).
 
     With 2 or more ``threads`` (default: 2 if the machine has them), micro-SD's runs train in a
@@ -370,6 +370,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
 
     import torch
 
+    from ..kernels import resolve_precision
     from ..tokenizer import FairseqTokenizer  # noqa: F401  (fail early if sentencepiece is missing)
     from .standins import train_micro_clip
     from .tokenizers import build_spm_tokenizer
@@ -384,6 +385,9 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
             raise ValueError(f"clip_bind_weight={clip_bind_weight} must be >= 0 (0: off; the shipped recipe: "
                              f"{FULL.clip_bind_weight})")
         budget = replace(budget, clip_bind_weight=clip_bind_weight)
+    if unet_precision is not None:
+        resolve_precision(unet_precision)  # a ValueError naming the choices
+        budget = replace(budget, unet_precision=unet_precision)
     out = Path(out)
     record_path = out / "train_all.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
