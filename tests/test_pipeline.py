@@ -368,10 +368,15 @@ def test_half_precision(tiny_kosmos_dir, tiny_sd_dir, dtype):
     assert np.isfinite(out).all()
 
 
-def test_sdpa_attention_and_callbacks(pipe):
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def test_attention_kernel_follows_the_map_size_and_callbacks_run(pipe, tiny_kosmos_dir, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    from kosmos_g.testing import make_tiny_sd
+
+    # the tiny U-Net's largest map is 16x16 = 256 tokens: plain matmul attention (kernels.py)
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor}
+    big = _load(tiny_kosmos_dir, make_tiny_sd(tmp_path / "sd32", sample_size=32))
+    assert {type(p) for p in big.unet.attn_processors.values()} == {AttnProcessor2_0}
     seen = []
     pipe("a dog", num_inference_steps=STEPS, output_type="np",
          callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
