@@ -160,6 +160,19 @@ def test_budget_stage3_cell_labels_read_the_edit_shards_source_labels(smoke_run)
         assert len(shapes) == len(world.POSITIONS) and 1 <= sum(s is not None for s in shapes) <= world.MAX_OBJECTS
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_every_unet_precision_reaches_a_valid_stage3_recipe(smoke_run, precision):
+    """``--unet-precision`` (each of kernels.PRECISIONS) becomes ``stage3.unet_precision`` in a
+    recipe stage 3 accepts (an fp32 budget once wrote a value the recipe refused)."""
+    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
+    from kosmos_g.train.recipe import load_recipe
+
+    recipe = load_recipe("micro-stage3", _stage_overrides("stage3", smoke_run, replace(SMOKE, unet_precision=precision),
+                                                           False))
+    recipe.validate("stage3")
+    assert recipe.stage3.unet_precision == precision
+
+
 def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):
     """Stage 3 on micro-SD (no vae/) trains on the target pixels themselves, in [-1, 1]."""
     from accelerate import Accelerator

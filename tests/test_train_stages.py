@@ -761,5 +761,5 @@ def test_stage3_unet_precision_bf16_autocasts_only_the_frozen_unet(world, runs, 
 def test_stage3_unet_precision_rejects_other_values(world, tmp_path, capsys):
     fresh_process_state()
     assert main(cli_args(world, "stage3", tmp_path / "x", "stage3.unet_precision=fp16")) == 2
-    assert "stage3.unet_precision must be bf16, auto or null, got 'fp16'" in capsys.readouterr().err
+    assert "stage3.unet_precision must be fp32, bf16, auto or null, got 'fp16'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -278,7 +278,8 @@ class Stage3Spec(CellLabelSpec):
     """``bf16``: the frozen U-Net runs under bfloat16 autocast whatever ``train.precision`` is
     (the trained encoder keeps it); ``auto``: so where the hardware computes bfloat16 natively
     (:func:`kosmos_g.kernels.resolve_precision`: AVX512-BF16/AMX CPUs, bf16 GPUs), else as
-    ``train.precision``; null: as ``train.precision``. For CPU training, where the U-Net is most
+    ``train.precision``; null or ``fp32`` (what ``kosmos-g micro train-all --unet-precision fp32``
+    writes): as ``train.precision``. For CPU training, where the U-Net is most
     of a step and the encoder's small matmuls are faster in float32 (the micro recipe)."""
     latent_cache: str | None = None
     """Folder caching the VAE posterior of each target, keyed by source and sample key."""
@@ -301,8 +302,8 @@ class Stage3Spec(CellLabelSpec):
             raise ValueError(f"stage3.resolution must be a positive multiple of 8, got {self.resolution}.")
         if self.prediction_type not in (None, "epsilon", "v_prediction"):
             raise ValueError(f"stage3.prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}.")
-        if self.unet_precision not in (None, "bf16", "auto"):
-            raise ValueError(f"stage3.unet_precision must be bf16, auto or null, got {self.unet_precision!r}.")
+        if self.unet_precision not in (None, "fp32", "bf16", "auto"):
+            raise ValueError(f"stage3.unet_precision must be fp32, bf16, auto or null, got {self.unet_precision!r}.")
         if self.precompute_latents and not self.latent_cache:
             raise ValueError("stage3.precompute_latents needs stage3.latent_cache (a folder).")
 
