@@ -63,6 +63,45 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
     assert weights.stat().st_mtime_ns == stamp
 
 
+def test_train_all_on_given_standins_trains_only_stages_1_to_3(smoke_run, tmp_path):
+    """--standins: the release folder's micro-CLIP and micro-SD are copied (float32, training
+    layouts), never retrained; stage 3 and the release use them; other stand-ins are refused."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel, CLIPVisionModel
+
+    from kosmos_g.micro.standins import load_micro_sd
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("tokenizer", "shards", "stage1", "stage2"):  # the smoke run's; only stage 3 and the release run
+        (out / name).symlink_to(smoke_run / name)
+    shipped = E.embedded_models()
+    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress", "--standins", "shipped"]) == 0
+    record = json.loads((out / "train_all.json").read_text())
+    assert record["standins"] == str(shipped.resolve())
+    assert record["seconds"]["micro-clip"] == 0.0 and record["seconds"]["micro-sd"] == 0.0
+    assert not (out / "sd-phase1").exists()
+    clip = CLIPModel.from_pretrained(shipped / "clip")
+    vision = CLIPVisionModel.from_pretrained(out / "clip" / "vision")
+    assert vision.dtype == torch.float32
+    theirs, ours = clip.vision_model.state_dict(), getattr(vision, "vision_model", vision).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(v, theirs[k].float()) for k, v in ours.items())
+    sd = load_micro_sd(out / "sd")
+    assert yaml.safe_load((out / "stage3" / "recipe.yaml").read_text())["stage3"]["sd_path"] == str(out / "sd")
+    released = load_file(str(out / "release" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"))
+    ours = sd.unet.state_dict()
+    assert all(torch.equal(t, ours[k].half()) for k, t in released.items())  # the shipped U-Net, round trip exact
+    before = (out / "train_all.json").read_bytes()
+    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress",
+                     "--standins", str(smoke_run / "release")]) == 2
+    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
+                     "--standins", "shipped"]) == 2  # micro-CLIP and micro-SD were trained there
+    assert (out / "train_all.json").read_bytes() == before
+    assert cli_main(["micro", "train-all", "--out", str(tmp_path / "new"), "--smoke", "--no-progress",
+                     "--standins", str(tmp_path)]) == 2  # not a release folder
+    assert not (tmp_path / "new" / "clip").exists()
+
+
 class _Event:
     def __init__(self, after: int) -> None:
         self.calls, self.after = 0, after

@@ -1,6 +1,7 @@
 """``kosmos-g micro train-all|eval|train-reader``: the micro world's models, from scratch, and their scores.
 
-    kosmos-g micro train-all --out runs/micro          # ~112 min on 2 fast CPU cores (estimated); resumable
+    kosmos-g micro train-all --out runs/micro          # 129-137 min on 2 CPU cores (measured); resumable
+    kosmos-g micro train-all --out runs/s --standins shipped  # stages 1-3 only, on the shipped stand-ins (~70 min)
     kosmos-g micro train-all --out /tmp/m --smoke      # every step, a few iterations each
     kosmos-g micro eval                                # the shipped model: table + grid PNG
     kosmos-g micro eval --models runs/micro/release --quick
@@ -35,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--unet-precision", choices=("auto", "fp32", "bf16"), default=None,
                        help="the micro U-Net's precision in micro-SD's training and stage 3 (default auto: "
                             "bf16 on CPUs with AVX512-BF16/AMX, where it is about twice as fast; fp32 elsewhere)")
+    train.add_argument("--standins", default=None, metavar="DIR",
+                       help="use this release folder's micro-CLIP and micro-SD (clip/, sd/; 'shipped': the "
+                            "embedded ones) instead of training them; stages 1-3 are retrained on them")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=run_train_all)
 
@@ -70,7 +74,8 @@ def run_train_all(args: argparse.Namespace) -> int:
     from ..micro.train_all import train_all
 
     record = train_all(args.out, smoke=args.smoke, progress=not args.no_progress, threads=args.threads,
-                       clip_bind_weight=args.clip_bind_weight, unet_precision=args.unet_precision)
+                       clip_bind_weight=args.clip_bind_weight, unet_precision=args.unet_precision,
+                       standins=args.standins)
     print(json.dumps({"out": str(Path(args.out)), "seconds": record["seconds"], "wall_s": record["wall_s"]}))
     return 0
 

@@ -344,11 +344,58 @@ def _train_sd_process(out: str, budget: Budget, progress: bool, threads: int, ot
     train_sd(out, budget, progress, step_callback=more_threads)
 
 
+def copy_standins(models: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Write ``out/clip`` and ``out/sd`` (float32, in the layouts micro-CLIP's and micro-SD's
+    training write) from a release folder's ``clip/`` and ``sd/`` (``kosmos-g micro
+    train-all --standins``), so that ``train-all`` skips both and trains stages 1-3 on them.
+    Each folder is written atomically and skipped when it exists.
+
+    Example:
+        >>> from kosmos_g.micro.evaluate import embedded_models
+        >>> copy_standins(embedded_models(), "runs/on-shipped")  # doctest: +SKIP
+    """
+    import torch
+    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+
+    from .standins import load_micro_sd, save_micro_sd
+
+    models, out = Path(models), Path(out)
+    missing = [str(models / d) for d in ("clip", "sd/unet", "sd/text_encoder") if not (models / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--standins {models}: {', '.join(missing)} not found; give a release folder "
+                                "(one with clip/ and sd/, as train-all writes in DIR/release), or 'shipped'.")
+    sd = load_micro_sd(models / "sd")
+    clip = CLIPModel.from_pretrained(models / "clip", dtype=torch.float32).eval()
+    text = CLIPTextModel(clip.config.text_config)
+    getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())
+    ours, theirs = text.state_dict(), sd.text_encoder.float().state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise ValueError(f"--standins {models}: clip/'s text tower is not sd/text_encoder; micro-SD must be "
+                         "conditioned on that micro-CLIP's text encoder (a release folder of one train-all run).")
+    if not (out / "clip").exists():
+        with atomic_dir(out / "clip") as tmp:
+            clip.save_pretrained(tmp / "clip")
+            text.save_pretrained(tmp / "text_encoder")
+            vision = CLIPVisionModel(clip.config.vision_config)
+            getattr(vision, "vision_model", vision).load_state_dict(clip.vision_model.state_dict())
+            vision.save_pretrained(tmp / "vision")
+            sd.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if not (out / "sd").exists():
+        with atomic_dir(out / "sd") as tmp:
+            save_micro_sd(tmp, unet=sd.unet, text_encoder=text, tokenizer=sd.tokenizer, scheduler=sd.scheduler)
+
+
 def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = True,
               threads: int | None = None, clip_bind_weight: float | None = None,
-              unet_precision: str | None = None, budget: Budget | None = None) -> dict[str, Any]:
+              unet_precision: str | None = None, budget: Budget | None = None,
+              standins: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run every step into ``out`` (see the module docstring); returns and writes
     ``out/train_all.json`` with each step's wall seconds (0 for a step found done).
+
+    ``standins``: a release folder (``clip/``, ``sd/``; ``"shipped"``: the embedded one) whose
+    micro-CLIP and micro-SD are used instead of training them (:func:`copy_standins`): stages
+    1-3 are retrained on them (~70 min on 2 cores). The folder is recorded, and a run folder
+    holding other stand-ins is refused.
 
     ``budget`` replaces the recipe (:data:`FULL`, or :data:`SMOKE` with ``smoke``; a trial recipe
     from Python). ``clip_bind_weight`` and ``unet_precision`` replace the budget's fields of those names. A folder
@@ -412,6 +459,16 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
         timings[name] = round(time.time() - t0, 1)
         record_path.write_text(json.dumps(record, indent=1))
 
+    if standins is not None:
+        from .evaluate import embedded_models
+
+        source = str((embedded_models() if str(standins) == "shipped" else Path(standins)).resolve())
+        earlier = record.get("standins")
+        if earlier != source and (earlier is not None or (out / "clip").exists() or (out / "sd").exists()):
+            raise ValueError(f"{out} already holds a micro-CLIP/micro-SD ({earlier or 'trained by train-all'}), "
+                             f"not --standins {source}; use a new --out folder.")
+        record["standins"] = source
+        step("standins", out / "sd", lambda: copy_standins(source, out))
     step("tokenizer", out / "tokenizer", lambda: build_spm_tokenizer(out / "tokenizer"))
     step("micro-clip", out / "clip", lambda: train_micro_clip(
         out / "clip", steps=budget.clip_steps, batch_size=budget.clip_batch, bind_weight=budget.clip_bind_weight,
