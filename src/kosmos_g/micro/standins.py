@@ -377,7 +377,7 @@ def train_micro_clip(
         ...     sorted(x.name for x in p.iterdir())
         ['clip', 'text_encoder', 'tokenizer', 'train_log.json', 'vision']
     """
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+    from transformers import CLIPModel, CLIPTokenizer
 
     if smoke:
         steps, batch_size, sizes, warmup = min(steps, 4), min(batch_size, 8), sizes or SMOKE_CLIP, 1
@@ -428,18 +428,33 @@ def train_micro_clip(
                 log.append({"step": step, "loss": loss.item(), "time_s": time.time() - t0, **stats})
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['acc']:.2f}")
         model.eval()
-        model.save_pretrained(tmp / "clip")
-        text = CLIPTextModel(config.text_config)
-        getattr(text, "text_model", text).load_state_dict(model.text_model.state_dict())  # 4.x nests it
-        text.save_pretrained(tmp / "text_encoder")
-        vision = CLIPVisionModel(config.vision_config)
-        getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
-        vision.save_pretrained(tmp / "vision")
+        save_micro_clip_towers(model, tmp)
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       crop_fraction=crop_fraction, hard_negatives=hard_negatives, token_weight=token_weight,
                       bind_weight=bind_weight, seed=seed, sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir
+
+
+def micro_clip_text_tower(model):
+    """A ``CLIPModel``'s text tower as a standalone ``CLIPTextModel`` (micro-SD's text encoder)."""
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel(model.config.text_config)
+    getattr(text, "text_model", text).load_state_dict(model.text_model.state_dict())  # 4.x nests it
+    return text
+
+
+def save_micro_clip_towers(model, dest: Path) -> None:
+    """Save a micro-CLIP ``CLIPModel`` as ``dest/clip``, its text tower as ``dest/text_encoder``
+    and its vision tower as ``dest/vision`` (what stage 1's ``model.vision_init`` loads)."""
+    from transformers import CLIPVisionModel
+
+    model.save_pretrained(dest / "clip")
+    micro_clip_text_tower(model).save_pretrained(dest / "text_encoder")
+    vision = CLIPVisionModel(model.config.vision_config)
+    getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
+    vision.save_pretrained(dest / "vision")
 
 
 @torch.no_grad()

@@ -355,9 +355,9 @@ def copy_standins(models: str | os.PathLike, out: str | os.PathLike) -> None:
         >>> copy_standins(embedded_models(), "runs/on-shipped")  # doctest: +SKIP
     """
     import torch
-    from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+    from transformers import CLIPModel
 
-    from .standins import load_micro_sd, save_micro_sd
+    from .standins import load_micro_sd, micro_clip_text_tower, save_micro_clip_towers, save_micro_sd
 
     models, out = Path(models), Path(out)
     missing = [str(models / d) for d in ("clip", "sd/unet", "sd/text_encoder") if not (models / d).is_dir()]
@@ -366,19 +366,14 @@ def copy_standins(models: str | os.PathLike, out: str | os.PathLike) -> None:
                                 "(one with clip/ and sd/, as train-all writes in DIR/release), or 'shipped'.")
     sd = load_micro_sd(models / "sd")
     clip = CLIPModel.from_pretrained(models / "clip", dtype=torch.float32).eval()
-    text = CLIPTextModel(clip.config.text_config)
-    getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())
+    text = micro_clip_text_tower(clip)
     ours, theirs = text.state_dict(), sd.text_encoder.float().state_dict()
     if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
         raise ValueError(f"--standins {models}: clip/'s text tower is not sd/text_encoder; micro-SD must be "
                          "conditioned on that micro-CLIP's text encoder (a release folder of one train-all run).")
     if not (out / "clip").exists():
         with atomic_dir(out / "clip") as tmp:
-            clip.save_pretrained(tmp / "clip")
-            text.save_pretrained(tmp / "text_encoder")
-            vision = CLIPVisionModel(clip.config.vision_config)
-            getattr(vision, "vision_model", vision).load_state_dict(clip.vision_model.state_dict())
-            vision.save_pretrained(tmp / "vision")
+            save_micro_clip_towers(clip, tmp)
             sd.tokenizer.save_pretrained(str(tmp / "tokenizer"))
     if not (out / "sd").exists():
         with atomic_dir(out / "sd") as tmp:
