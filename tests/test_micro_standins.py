@@ -381,6 +381,49 @@ def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
     assert not (tmp_path / "sd").exists()
 
 
+def test_cond_noise_perturbs_captioned_conditions_only(tmp_path, clip_dir, monkeypatch):
+    """``cond_noise``: each captioned sample's condition moves by noise of std <= cond_noise;
+    the empty prompt (classifier-free guidance's unconditional states) stays exact; 0 feeds
+    the U-Net exactly the captions' states."""
+    from diffusers import UNet2DConditionModel
+
+    clean, fed = [], []
+    encode, forward = S.encode_captions, UNet2DConditionModel.forward
+
+    def spy_encode(text_encoder, tokenizer, captions):
+        states = encode(text_encoder, tokenizer, captions)
+        clean.append((list(captions), states))
+        return states
+
+    def spy_forward(self, sample, timestep, cond, *args, **kwargs):
+        if self.training:
+            fed.append(cond.detach().clone())
+        return forward(self, sample, timestep, cond, *args, **kwargs)
+
+    monkeypatch.setattr(S, "encode_captions", spy_encode)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    noisy = S.train_micro_sd(tmp_path / "noisy", clip_dir, smoke=True, progress=False, cond_noise=0.5,
+                             caption_dropout=0.5)
+    assert json.loads((noisy / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.5
+    assert len(clean) == len(fed) == 4
+    kinds = []
+    for (captions, states), conds in zip(clean, fed):
+        for caption, state, cond in zip(captions, states, conds):
+            kinds.append(bool(caption))
+            if caption:
+                assert 0 < (cond - state).std() < 0.5 * 1.1
+            else:
+                assert torch.equal(cond, state)
+    assert any(kinds) and not all(kinds)  # both kinds were seen
+    clean.clear()
+    fed.clear()
+    S.train_micro_sd(tmp_path / "clean", clip_dir, smoke=True, progress=False, caption_dropout=0.5)
+    assert len(fed) == 4 and all(torch.equal(states, conds) for (_, states), conds in zip(clean, fed))
+    with pytest.raises(ValueError, match=r"cond_noise=-0.1 must be >= 0"):
+        S.train_micro_sd(tmp_path / "bad", clip_dir, smoke=True, progress=False, cond_noise=-0.1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bf16_micro_sd_runs_the_unet_in_bf16_and_keeps_fp32_weights(tmp_path, clip_dir, sd_dir, monkeypatch):
     from diffusers import UNet2DConditionModel
 

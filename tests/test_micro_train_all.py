@@ -129,6 +129,47 @@ def test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done(smoke_run, tmp
     assert event.calls == 6  # asked before every step (3 + 2 + 1), never after
 
 
+def test_sd_cond_noise_reaches_only_micro_sds_last_run(smoke_run, tmp_path):
+    """``Budget(sd_cond_noise=)`` trains the last micro-SD run on noisy conditions; the runs
+    before it (and the recipe's default) see clean ones."""
+    from kosmos_g.micro.train_all import SMOKE, train_sd
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "clip").symlink_to(smoke_run / "clip")
+    train_sd(out, replace(SMOKE, sd_cond_noise=0.25), progress=False)
+    noise = [json.loads((out / name / "train_log.json").read_text())["recipe"]["cond_noise"]
+             for name in ("sd-phase1", "sd-phase2", "sd")]
+    assert noise == [0.0, 0.0, 0.25]
+    assert json.loads((smoke_run / "sd" / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.0
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "clip").symlink_to(smoke_run / "clip")
+    train_sd(single, replace(SMOKE, sd_continue_steps=(), sd_cond_noise=0.25), progress=False)
+    assert json.loads((single / "sd" / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.25
+
+
+def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):
+    """A run folder written before a Budget field existed (here ``sd_cond_noise``) is resumed by
+    a budget whose field has the value it had before (nothing retrained), and refused by one
+    that sets the field otherwise: the record says what its run was trained with."""
+    import shutil
+
+    from kosmos_g.micro.train_all import SMOKE, train_all
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out, symlinks=True)
+    record = json.loads((out / "train_all.json").read_text())
+    del record["budget"]["sd_cond_noise"]
+    (out / "train_all.json").write_text(json.dumps(record))
+    weights = out / "release" / "kosmos-g" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    train_all(out, smoke=True, progress=False)
+    assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"differing: \['sd_cond_noise'\]"):
+        train_all(out, budget=replace(SMOKE, sd_cond_noise=0.5), progress=False)
+
+
 def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, capsys):
     """A folder trained with micro-CLIP's binding loss is not silently finished without it:
     the finished steps would be mixed into a run of another recipe."""

@@ -730,6 +730,7 @@ def train_micro_sd(
     resolution: int = SD_SIZE,
     checkpoint_every: int = 250,
     precision: str = "fp32",
+    cond_noise: float = 0.0,
     step_callback: Callable[[int], None] | None = None,
 ) -> Path:
     """Train micro-SD text-to-image in pixel space at ``resolution`` (default
@@ -760,6 +761,12 @@ def train_micro_sd(
     precision used is recorded in ``train_log.json``. Either way the U-Net attends with plain
     matmuls (:func:`kosmos_g.kernels.use_matmul_attention_if_small`).
 
+    ``cond_noise`` > 0 adds Gaussian noise to each captioned sample's condition, its standard
+    deviation drawn uniformly from ``[0, cond_noise]`` per sample (the empty prompt of
+    classifier-free guidance stays exact): the U-Net learns to draw a scene from states near
+    its caption's, as Kosmos-G's conditions from an image are (docs/micro-notes.md, session
+    24). 0 (default): no noise, and no extra random draws.
+
     ``step_callback(step)``, if given, is called before each step (``train-all`` uses it to
     give a run more threads once the jobs beside it are done).
 
@@ -781,6 +788,9 @@ def train_micro_sd(
         steps, batch_size, sizes, warmup = min(steps, 4), min(batch_size, 4), sizes or SMOKE_UNET, 1
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    if not 0 <= cond_noise < float("inf"):
+        raise ValueError(f"cond_noise={cond_noise} must be >= 0 (the largest noise std added to a condition; "
+                         "0: off)")
     precision = resolve_precision(precision)
     levels = len((sizes or MicroUNetSizes()).block_out_channels)
     if resolution < 16 or resolution % 2 ** (levels - 1):
@@ -816,7 +826,7 @@ def train_micro_sd(
                   ema_decay=ema_decay, seed=seed, warmup=warmup,
                   resumed_from=None if resume_unet is None else str(resume_unet),
                   resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()), precision=precision,
-                  parameters=sum(p.numel() for p in unet.parameters()))
+                  cond_noise=cond_noise, parameters=sum(p.numel() for p in unet.parameters()))
     partial = out_dir.parent / f".{out_dir.name}.partial.pt"
     log: list[dict[str, float]] = []
     start, elapsed = 0, 0.0
@@ -834,6 +844,9 @@ def train_micro_sd(
         captions = ["" if rng.random() < caption_dropout else s.caption(rng) for s in scenes]
         with torch.no_grad():
             cond = encode_captions(text_encoder, tokenizer, captions)  # (B, L, D)
+        if cond_noise:
+            std = torch.rand(batch_size) * cond_noise * torch.tensor([c != "" for c in captions])
+            cond = cond + std[:, None, None] * torch.randn_like(cond)
         x0 = images_to_sd_pixels(images)  # (B, 3, S, S)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))

@@ -54,6 +54,10 @@ class Budget:
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
     ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``."""
+    sd_cond_noise: float = 0.0
+    """micro-SD's last run adds noise of standard deviation up to this to its text conditions
+    (:func:`.standins.train_micro_sd`'s ``cond_noise``), so the U-Net tolerates the small errors
+    of a condition Kosmos-G builds from an image. 0: off (the recipe before session 24)."""
     unet_precision: str = "auto"
     """The micro U-Net's precision in micro-SD's training and in stage 3's pass through it
     (:func:`.standins.train_micro_sd`'s ``precision``, ``stage3.unet_precision``): ``"auto"`` is
@@ -89,6 +93,10 @@ class Budget:
 
 FULL = Budget()
 """The shipped recipe (session 17)."""
+
+BEFORE_FIELDS = {"sd_cond_noise": 0.0}
+"""What train-all did before each of these Budget fields existed: a run folder whose record
+lacks the field was trained so, and resumes under that value (not the field's default)."""
 SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1), stage1_steps=2,
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
@@ -322,11 +330,13 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     common = dict(batch_size=budget.sd_batch, resolution=budget.sd_resolution, precision=budget.unet_precision,
                   progress=progress, step_callback=step_callback)
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **common)
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps,
+                       cond_noise=budget.sd_cond_noise if len(folders) == 1 else 0.0, **common)
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
+            noise = budget.sd_cond_noise if folder == folders[-1] else 0.0
             train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
-                           resume_unet=previous / "unet", **common)
+                           resume_unet=previous / "unet", cond_noise=noise, **common)
     return folders[-1]
 
 
@@ -436,7 +446,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     if "budget" in record:
         wanted = json.loads(json.dumps(asdict(budget)))  # tuples as JSON lists, like the record's
         differing = sorted(k for k in wanted.keys() | record["budget"].keys()
-                           if wanted.get(k) != record["budget"].get(k))
+                           if wanted.get(k) != record["budget"].get(k, BEFORE_FIELDS.get(k)))
         if differing:
             raise ValueError(f"{out} holds a train-all run with another budget (differing: {differing}); "
                              f"resume it with the options it was started with, or use a new --out folder.")
