@@ -525,6 +525,55 @@ def test_stage3_text_align_adds_the_caption_states_mse_for_samples_with_a_target
         load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.text_align_weight=-1"]).validate("stage3")
 
 
+def test_stage3_align_entity_weight_weighs_the_tokens_from_the_first_entity_on(world):
+    """``align_entity_weight``: a compositional sample's alignment error is a weighted mean,
+    w at its caption's CLIP tokens from the first entity's first word through EOS, 1 elsewhere;
+    edits (no entities) keep the plain mean."""
+    from accelerate import Accelerator
+
+    from kosmos_g.data.shards import iter_shards as shards_of
+    from kosmos_g.train.recipe import load_recipe
+    from kosmos_g.train.stage3 import Stage3
+
+    fresh_process_state()
+    recipe = load_recipe("tiny-stage3", [f"model.init={world['kosmos']}", f"stage3.sd_path={world['sd']}",
+                                         "stage3.text_align_weight=1", "stage3.align_entity_weight=3",
+                                         *[f"data.sources.{i}.shards={world['shards'][k]}"
+                                           for i, k in enumerate(SOURCES["stage3"])]])
+    stage = Stage3(recipe, Accelerator(cpu=True))
+    comps = list(shards_of(expand_shards(world["shards"]["compositional"])))[:2]
+    edit = list(shards_of(expand_shards(world["shards"]["edit"])))[0]
+    meta = json.loads(edit["json"])
+    meta["target_caption"] = "a large red striped circle on the left, on a green background"
+    raws = [(raw, "compositional") for raw in comps] + [({**edit, "json": json.dumps(meta).encode()}, "edit")]
+    examples = [stage.builder(raw, np.random.default_rng(i), src) for i, (raw, src) in enumerate(raws)]
+    tok, length = stage.builder.clip_tokenizer, stage.builder.clip_length
+    for (raw, _), ex in zip(raws[:2], examples):
+        m = json.loads(raw["json"])
+        first = min(m["entities"], key=lambda e: e["start"])
+        ids = tok(m["caption"]).input_ids
+        heavy = ex["align_weights"] == 3
+        assert heavy.sum() > 0 and set(ex["align_weights"].tolist()) == {1.0, 3.0}
+        span = heavy.nonzero().flatten().tolist()
+        assert span == list(range(span[0], min(len(ids), length)))  # one run, through EOS
+        entity_words = tok(m["caption"][first["start"]:first["end"]]).input_ids[1:-1]
+        assert ids[span[0]:span[0] + len(entity_words)] == entity_words  # it starts at the entity
+    assert "align_weights" not in examples[2]
+    batch = stage.prepare_batch(stage.collate(examples))
+    assert torch.equal(batch["align_weights"][2], torch.ones(length))
+    with torch.no_grad():
+        got = stage.module(batch)
+        cond = stage.model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                  batch["image_mask"])
+    sq = (cond - batch["text_target"]).pow(2).mean(dim=2)  # (3, L)
+    w = batch["align_weights"]
+    want = ((sq * w).sum(dim=1) / w.sum(dim=1)).sum()
+    assert torch.allclose(got["align"][0], want, rtol=1e-5)
+    assert not torch.allclose(got["align"][0], sq.mean(dim=1).sum(), rtol=1e-3)  # not the plain mean
+    with pytest.raises(ValueError, match="align_entity_weight must be > 0"):
+        load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.align_entity_weight=0"]).validate("stage3")
+
+
 def test_stage3_cell_labels_score_the_edit_source_per_cell(world, tmp_path):
     """``stage3.cell_label_weight`` adds w x the mean cross-entropy of a fresh per-cell head on
     the resampler's output of edit sources that carry ``src_cell_labels``; crops and edits

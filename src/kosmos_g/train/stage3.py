@@ -20,6 +20,9 @@ target's optional foreground mask more in the loss (docs/data-format.md).
 ``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for every sample whose
 target has a caption (compositional samples; edits that carry the edited image's
 ``target_caption``), the MSE between the condition and the SD text encoder's states of it.
+``stage3.align_entity_weight`` (not in the paper; default 1, off) weighs that MSE more at a
+compositional caption's tokens from its first entity on, where a causal text encoder puts
+the entity's attributes.
 ``stage3.cell_label_weight`` (not in the paper; default 0, off) adds stage 1's per-cell
 attribute loss (:class:`.stage1.CellLabelHead`, a fresh head) on the resampler's output of
 edit sources that carry ``"src_cell_labels"``, so the source scene's objects stay apart.
@@ -119,7 +122,7 @@ class Stage3Builder:
                  num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
                  latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1,
                  clip_tokenizer=None, clip_length: int = 77, cell_classes: dict[str, int] | None = None,
-                 cells: int = 9) -> None:
+                 cells: int = 9, align_entity_weight: float = 1.0) -> None:
         self.processor = processor
         self.resolution = resolution
         self.caption_drop = caption_drop
@@ -136,10 +139,21 @@ class Stage3Builder:
         """Set (``stage3.text_align_weight``): compositional samples and edits with a
         ``target_caption`` carry the CLIP ids of their target's caption."""
         self.clip_length = clip_length
+        self.align_entity_weight = align_entity_weight
         self.cell_classes = dict(cell_classes or {})
         """Set (``stage3.cell_label_weight``): every example carries one label row per prompt
         image, an edit's source from its ``src_cell_labels``, the rest unlabelled (-1)."""
         self.cells = cells
+
+    def entity_token_weights(self, caption: str, entities: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """(clip_length,) alignment weights of a compositional caption: ``align_entity_weight``
+        from the first entity's first CLIP token through the end-of-text token, 1 elsewhere."""
+        first = min(int(e["start"]) for e in entities)
+        start = len(self.clip_tokenizer(caption[:first]).input_ids) - 1  # [BOS, prefix..., EOS]: the entity's index
+        end = len(self.clip_tokenizer(caption).input_ids)  # through the EOS token
+        weights = torch.ones(self.clip_length)
+        weights[min(start, self.clip_length):min(end, self.clip_length)] = self.align_entity_weight
+        return weights
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
         meta = validate_sample(raw)
@@ -173,6 +187,8 @@ class Stage3Builder:
             target_caption = meta["caption"]
         if self.clip_tokenizer is not None and target_caption is not None:
             example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, self.clip_length)
+            if kind == "compositional" and self.align_entity_weight != 1.0:
+                example["align_weights"] = self.entity_token_weights(target_caption, meta["entities"])
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         if self.cell_classes:
@@ -258,7 +274,12 @@ class DiffusionModule(nn.Module):
         cond = keep_image_weights_in_graph(self.model, cond, pixels)
         align = None
         if batch.get("text_target") is not None:  # (B, 77, D); rows without a caption have align_mask False
-            align = (cond.float() - batch["text_target"].float()).pow(2).mean(dim=(1, 2)) * batch["align_mask"]
+            sq = (cond.float() - batch["text_target"].float()).pow(2)
+            if batch.get("align_weights") is not None:  # (B, 77): stage3.align_entity_weight, a weighted mean
+                w = batch["align_weights"].to(sq.device)
+                align = (sq.mean(dim=2) * w).sum(dim=1) / w.sum(dim=1) * batch["align_mask"]
+            else:
+                align = sq.mean(dim=(1, 2)) * batch["align_mask"]
         null = self.model.unconditional(1).to(cond.dtype)  # (1, 77, D): "<s>" alone
         cond = torch.where(batch["drop"][:, None, None], null, cond)
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
@@ -375,7 +396,8 @@ class Stage3(Stage):
             max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
             latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor,
             clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries,
-            cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells)
+            cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells,
+            align_entity_weight=spec.align_entity_weight)
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -393,6 +415,9 @@ class Stage3(Stage):
         if self.text_encoder is not None:  # text_align_weight: only samples with a target caption carry CLIP ids
             batch["clip_ids"] = [ex.get("clip_ids") for ex in examples]
             batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
+            if any("align_weights" in ex for ex in examples):  # the rest weigh every token alike
+                batch["align_weights"] = torch.stack([ex.get("align_weights", torch.ones(self.builder.clip_length))
+                                                      for ex in examples])
         if self.module.cell_head is not None:
             batch["cell_labels"] = self.module.cell_head.collate([ex["cell_labels"] for ex in examples])
         return batch
