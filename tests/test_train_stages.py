@@ -574,6 +574,37 @@ def test_stage3_align_entity_weight_weighs_the_tokens_from_the_first_entity_on(w
         load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.align_entity_weight=0"]).validate("stage3")
 
 
+def test_stage3_align_space_unet_kv_measures_the_error_through_the_unets_keys_and_values(world):
+    """``align_space: unet_kv``: the alignment error is the mean over every cross-attention
+    layer's to_k / to_v of the projected error, each over that projection's mean squared gain."""
+    from accelerate import Accelerator
+    from diffusers.models.attention_processor import Attention
+
+    from kosmos_g.train.recipe import load_recipe
+    from kosmos_g.train.stage3 import Stage3
+
+    def stage_with(space):
+        fresh_process_state()
+        recipe = load_recipe("tiny-stage3", [f"model.init={world['kosmos']}", f"stage3.sd_path={world['sd']}",
+                                             "stage3.text_align_weight=1", f"stage3.align_space={space}",
+                                             *[f"data.sources.{i}.shards={world['shards'][k]}"
+                                               for i, k in enumerate(SOURCES["stage3"])]])
+        return Stage3(recipe, Accelerator(cpu=True))
+
+    kv, states = stage_with("unet_kv"), stage_with("states")
+    layers = [m for m in kv.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    assert layers and len(kv.module.kv_weights) == 2 * len(layers)
+    g = torch.Generator().manual_seed(0)
+    cond, target = (torch.randn(2, 5, kv.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    want = torch.stack([((cond - target) @ lin.weight.T).pow(2).mean(dim=2) / (lin.weight.pow(2).sum() / lin.weight.shape[0])
+                        for m in layers for lin in (m.to_k, m.to_v)]).mean(dim=0)
+    assert torch.allclose(kv.module.align_error(cond, target), want, rtol=1e-5)
+    assert torch.allclose(states.module.align_error(cond, target), (cond - target).pow(2).mean(dim=2))
+    assert not torch.allclose(want, (cond - target).pow(2).mean(dim=2), rtol=1e-2)
+    with pytest.raises(ValueError, match="align_space must be 'states' or 'unet_kv'"):
+        load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.align_space=clip"]).validate("stage3")
+
+
 def test_stage3_cell_labels_score_the_edit_source_per_cell(world, tmp_path):
     """``stage3.cell_label_weight`` adds w x the mean cross-entropy of a fresh per-cell head on
     the resampler's output of edit sources that carry ``src_cell_labels``; crops and edits

@@ -251,8 +251,15 @@ class DiffusionModule(nn.Module):
 
     def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
                  text_align_weight: float = 0.0, cell_head: CellLabelHead | None = None,
-                 cell_weight: float = 0.0, unet_bf16: bool = False) -> None:
+                 cell_weight: float = 0.0, unet_bf16: bool = False, align_space: str = "states") -> None:
         super().__init__()
+        self.align_space = align_space
+        self.kv_weights: list[torch.Tensor] = []  # align_space "unet_kv": every cross-attention to_k / to_v
+        if align_space == "unet_kv":
+            from diffusers.models.attention_processor import Attention
+
+            self.kv_weights = [lin.weight for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
+                               for lin in (m.to_k, m.to_v)]
         self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
@@ -262,6 +269,17 @@ class DiffusionModule(nn.Module):
         self.text_align_weight = text_align_weight
         self.cell_head = cell_head
         self.cell_weight = cell_weight
+
+    def align_error(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) condition and text states -> (B, L) squared error per token: the mean over
+        the states' dimensions, or (``align_space="unet_kv"``) the mean over the U-Net's
+        cross-attention key and value projections of the error, each divided by that
+        projection's mean squared gain (biases cancel in the difference)."""
+        diff = cond.float() - target.float()
+        if self.align_space == "states":
+            return diff.pow(2).mean(dim=2)
+        return torch.stack([F.linear(diff, w.float()).pow(2).mean(dim=2) / (w.float().pow(2).sum() / w.shape[0])
+                            for w in self.kv_weights]).mean(dim=0)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
@@ -274,12 +292,13 @@ class DiffusionModule(nn.Module):
         cond = keep_image_weights_in_graph(self.model, cond, pixels)
         align = None
         if batch.get("text_target") is not None:  # (B, 77, D); rows without a caption have align_mask False
-            sq = (cond.float() - batch["text_target"].float()).pow(2)
-            if batch.get("align_weights") is not None:  # (B, 77): stage3.align_entity_weight, a weighted mean
-                w = batch["align_weights"].to(sq.device)
-                align = (sq.mean(dim=2) * w).sum(dim=1) / w.sum(dim=1) * batch["align_mask"]
+            per_token = self.align_error(cond, batch["text_target"])  # (B, 77)
+            weights = batch.get("align_weights")  # (B, 77): stage3.align_entity_weight, a weighted mean
+            if weights is None:
+                align = per_token.mean(dim=1) * batch["align_mask"]
             else:
-                align = sq.mean(dim=(1, 2)) * batch["align_mask"]
+                weights = weights.to(per_token.device)
+                align = (per_token * weights).sum(dim=1) / weights.sum(dim=1) * batch["align_mask"]
         null = self.model.unconditional(1).to(cond.dtype)  # (1, 77, D): "<s>" alone
         cond = torch.where(batch["drop"][:, None, None], null, cond)
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
@@ -388,7 +407,8 @@ class Stage3(Stage):
             head = CellLabelHead(r.num_queries, r.output_dim, spec.cell_classes.values(), spec.cells)
         self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
                                       self.source_names, text_align_weight=spec.text_align_weight,
-                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16)
+                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16,
+                                      align_space=spec.align_space)
         self.builder = Stage3Builder(
             self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
