@@ -94,12 +94,13 @@ class Budget:
 FULL = Budget()
 """The shipped recipe (session 17)."""
 
-BEFORE_FIELDS = {"sd_cond_noise": 0.0}
-"""What train-all did before each of these Budget fields existed: a run folder whose record
-lacks the field was trained so, and resumes under that value (not the field's default)."""
 SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1), stage1_steps=2,
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
+
+BEFORE_FIELDS = {"sd_cond_noise": 0.0}
+"""What train-all did before each of these Budget fields existed: a run folder whose record
+lacks the field was trained so, and resumes under that value (not the field's default)."""
 
 def _text_sample(rng: np.random.Generator) -> dict[str, Any]:
     """A ``text`` sample: a scene's caption, or an edit instruction (the world's language)."""
@@ -329,14 +330,13 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     folders = _sd_folders(out, budget)
     common = dict(batch_size=budget.sd_batch, resolution=budget.sd_resolution, precision=budget.unet_precision,
                   progress=progress, step_callback=step_callback)
+    noise = {folder: budget.sd_cond_noise if folder == folders[-1] else 0.0 for folder in folders}  # last run only
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps,
-                       cond_noise=budget.sd_cond_noise if len(folders) == 1 else 0.0, **common)
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, cond_noise=noise[folders[0]], **common)
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
-            noise = budget.sd_cond_noise if folder == folders[-1] else 0.0
             train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
-                           resume_unet=previous / "unet", cond_noise=noise, **common)
+                           resume_unet=previous / "unet", cond_noise=noise[folder], **common)
     return folders[-1]
 
 

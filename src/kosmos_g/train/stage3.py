@@ -255,11 +255,13 @@ class DiffusionModule(nn.Module):
         super().__init__()
         self.align_space = align_space
         self.kv_weights: list[torch.Tensor] = []  # align_space "unet_kv": every cross-attention to_k / to_v
+        self.kv_gains: list[float] = []  # each one's mean squared gain (frozen, so computed once)
         if align_space == "unet_kv":
             from diffusers.models.attention_processor import Attention
 
             self.kv_weights = [lin.weight for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
                                for lin in (m.to_k, m.to_v)]
+            self.kv_gains = [w.detach().float().pow(2).sum().item() / w.shape[0] for w in self.kv_weights]
         self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
@@ -278,8 +280,8 @@ class DiffusionModule(nn.Module):
         diff = cond.float() - target.float()
         if self.align_space == "states":
             return diff.pow(2).mean(dim=2)
-        return torch.stack([F.linear(diff, w.float()).pow(2).mean(dim=2) / (w.float().pow(2).sum() / w.shape[0])
-                            for w in self.kv_weights]).mean(dim=0)
+        return torch.stack([F.linear(diff, w.float()).pow(2).mean(dim=2) / gain
+                            for w, gain in zip(self.kv_weights, self.kv_gains)]).mean(dim=0)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
