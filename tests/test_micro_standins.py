@@ -424,6 +424,94 @@ def test_cond_noise_perturbs_captioned_conditions_only(tmp_path, clip_dir, monke
     assert not (tmp_path / "bad").exists()
 
 
+def test_blend_position_words_moves_each_position_word_toward_redrawn_attributes(clip_dir):
+    """``blend_position_words``: in a picked sample, every object's position word (and nothing
+    else) moves one shared share w in [0, 1] of the way to its state in the caption whose
+    shape, colour, pattern and size words are all redrawn (each to another word of its kind);
+    empty captions stay exact; fraction 0 changes nothing."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
+    seen = []
+
+    def spy(ids):
+        seen.append(ids.clone())
+        return encoder(ids)
+
+    rng = np.random.default_rng(3)
+    scenes = [world.sample_scene(rng) for _ in range(6)]
+    drawn = [s.caption_with_spans(rng) for s in scenes]
+    drawn[2] = None
+    captions = ["" if d is None else d[0] for d in drawn]
+    kinds = [world.SHAPES, world.COLORS, world.PATTERNS, world.SIZES]
+    kind_of = {tokenizer(w, add_special_tokens=False).input_ids[0]: k for k, ws in enumerate(kinds) for w in ws}
+    with torch.no_grad():
+        clean = S.encode_captions(encoder, tokenizer, captions)
+        assert torch.equal(S.blend_position_words(clean, scenes, drawn, rng, 0.0, spy, tokenizer), clean)
+        assert not seen
+        mixed = S.blend_position_words(clean, scenes, drawn, rng, 1.0, spy, tokenizer)
+        (redrawn,) = seen
+        other = encoder(redrawn).last_hidden_state
+    picked = [i for i, d in enumerate(drawn) if d is not None]
+    assert redrawn.shape[0] == len(picked) == 5
+    ids = tokenizer([captions[i] for i in picked], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    changed = ids != redrawn
+    assert changed.any()
+    for a, b in zip(ids[changed].tolist(), redrawn[changed].tolist()):
+        assert kind_of[a] == kind_of[b]  # another word of the same kind
+    assert all(t not in kind_of for t in ids[~changed].tolist())  # every attribute word was redrawn
+    assert torch.equal(mixed[2], clean[2])
+    for row, i in enumerate(picked):
+        targets = [t[0] for t in S.binding_targets(scenes[i], *drawn[i])]
+        moved = (mixed[i] != clean[i]).any(-1).nonzero().flatten().tolist()
+        assert moved == targets
+        gap = other[row, targets] - clean[i, targets]
+        share = ((mixed[i, targets] - clean[i, targets]) * gap).sum() / (gap * gap).sum()
+        assert 0 <= share <= 1
+        torch.testing.assert_close(mixed[i, targets], clean[i, targets] + share * gap)
+
+
+def test_position_word_mix_reaches_the_unet_and_is_validated(tmp_path, clip_dir, monkeypatch):
+    """``train_micro_sd(position_word_mix=1)`` feeds the U-Net conditions that differ from the
+    captions' states at position words only, leaves the empty prompt exact, and records it."""
+    from diffusers import UNet2DConditionModel
+
+    clean, fed = [], []
+    encode, forward = S.encode_captions, UNet2DConditionModel.forward
+
+    def spy_encode(text_encoder, tokenizer, captions):
+        states = encode(text_encoder, tokenizer, captions)
+        clean.append((list(captions), states))
+        return states
+
+    def spy_forward(self, sample, timestep, cond, *args, **kwargs):
+        if self.training:
+            fed.append(cond.detach().clone())
+        return forward(self, sample, timestep, cond, *args, **kwargs)
+
+    monkeypatch.setattr(S, "encode_captions", spy_encode)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    out = S.train_micro_sd(tmp_path / "sd", clip_dir, smoke=True, progress=False, position_word_mix=1.0,
+                           caption_dropout=0.5)
+    assert json.loads((out / "train_log.json").read_text())["recipe"]["position_word_mix"] == 1.0
+    words = set()
+    for (captions, states), conds in zip(clean, fed):
+        for caption, state, cond in zip(captions, states, conds):
+            moved = (cond != state).any(-1).nonzero().flatten().tolist()
+            if not caption:
+                assert moved == []
+                continue
+            assert moved  # every captioned sample was blended (fraction 1)
+            tokens = caption.replace(",", " ,").split()
+            words |= {tokens[i - 1] for i in moved}
+    assert words and words <= {p.split()[-1] for p in world.POSITIONS}
+    with pytest.raises(ValueError, match=r"position_word_mix=1.5 must be in \[0, 1\]"):
+        S.train_micro_sd(tmp_path / "bad", clip_dir, smoke=True, progress=False, position_word_mix=1.5)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bf16_micro_sd_runs_the_unet_in_bf16_and_keeps_fp32_weights(tmp_path, clip_dir, sd_dir, monkeypatch):
     from diffusers import UNet2DConditionModel
 

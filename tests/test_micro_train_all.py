@@ -129,24 +129,30 @@ def test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done(smoke_run, tmp
     assert event.calls == 6  # asked before every step (3 + 2 + 1), never after
 
 
-def test_sd_cond_noise_reaches_only_micro_sds_last_run(smoke_run, tmp_path):
-    """``Budget(sd_cond_noise=)`` trains the last micro-SD run on noisy conditions; the runs
-    before it (and the recipe's default) see clean ones."""
+def test_condition_changes_reach_only_micro_sds_last_run(smoke_run, tmp_path):
+    """``Budget(sd_cond_noise=, sd_position_word_mix=)`` change the last micro-SD run's
+    conditions; the runs before it (and the recipe's default) see the captions' own states."""
     from kosmos_g.micro.train_all import SMOKE, train_sd
+
+    def recipes(out, names):
+        return [json.loads((out / name / "train_log.json").read_text())["recipe"] for name in names]
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "clip").symlink_to(smoke_run / "clip")
-    train_sd(out, replace(SMOKE, sd_cond_noise=0.25), progress=False)
-    noise = [json.loads((out / name / "train_log.json").read_text())["recipe"]["cond_noise"]
-             for name in ("sd-phase1", "sd-phase2", "sd")]
-    assert noise == [0.0, 0.0, 0.25]
-    assert json.loads((smoke_run / "sd" / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.0
+    train_sd(out, replace(SMOKE, sd_cond_noise=0.25, sd_position_word_mix=0.5), progress=False)
+    runs = recipes(out, ("sd-phase1", "sd-phase2", "sd"))
+    assert [r["cond_noise"] for r in runs] == [0.0, 0.0, 0.25]
+    assert [r["position_word_mix"] for r in runs] == [0.0, 0.0, 0.5]
+    (shipped,) = recipes(smoke_run, ("sd",))
+    assert shipped["cond_noise"] == shipped["position_word_mix"] == 0.0
     single = tmp_path / "single"
     single.mkdir()
     (single / "clip").symlink_to(smoke_run / "clip")
-    train_sd(single, replace(SMOKE, sd_continue_steps=(), sd_cond_noise=0.25), progress=False)
-    assert json.loads((single / "sd" / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.25
+    train_sd(single, replace(SMOKE, sd_continue_steps=(), sd_cond_noise=0.25, sd_position_word_mix=0.5),
+             progress=False)
+    (run,) = recipes(single, ("sd",))
+    assert (run["cond_noise"], run["position_word_mix"]) == (0.25, 0.5)
 
 
 def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):

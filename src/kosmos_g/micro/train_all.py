@@ -58,6 +58,11 @@ class Budget:
     """micro-SD's last run adds noise of standard deviation up to this to its text conditions
     (:func:`.standins.train_micro_sd`'s ``cond_noise``), so the U-Net tolerates the small errors
     of a condition Kosmos-G builds from an image. 0: off (the recipe before session 24)."""
+    sd_position_word_mix: float = 0.0
+    """micro-SD's last run blends this fraction of its captions' position-word states toward a
+    caption with redrawn attributes (:func:`.standins.train_micro_sd`'s ``position_word_mix``), so
+    the U-Net takes the subject from the attribute words when the position word's binding is off,
+    as Kosmos-G's is (docs/micro-notes.md, session 25). 0: off (the recipe before session 25)."""
     unet_precision: str = "auto"
     """The micro U-Net's precision in micro-SD's training and in stage 3's pass through it
     (:func:`.standins.train_micro_sd`'s ``precision``, ``stage3.unet_precision``): ``"auto"`` is
@@ -98,7 +103,7 @@ SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_s
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
-BEFORE_FIELDS = {"sd_cond_noise": 0.0}
+BEFORE_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0}
 """What train-all did before each of these Budget fields existed: a run folder whose record
 lacks the field was trained so, and resumes under that value (not the field's default)."""
 
@@ -330,13 +335,14 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     folders = _sd_folders(out, budget)
     common = dict(batch_size=budget.sd_batch, resolution=budget.sd_resolution, precision=budget.unet_precision,
                   progress=progress, step_callback=step_callback)
-    noise = {folder: budget.sd_cond_noise if folder == folders[-1] else 0.0 for folder in folders}  # last run only
+    last_only = {folder: dict(cond_noise=budget.sd_cond_noise, position_word_mix=budget.sd_position_word_mix)
+                 if folder == folders[-1] else {} for folder in folders}  # the condition changes: last run only
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, cond_noise=noise[folders[0]], **common)
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **last_only[folders[0]], **common)
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
             train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
-                           resume_unet=previous / "unet", cond_noise=noise[folder], **common)
+                           resume_unet=previous / "unet", **last_only[folder], **common)
     return folders[-1]
 
 
