@@ -381,10 +381,10 @@ def test_train_micro_sd_rejects_bad_arguments(tmp_path, clip_dir):
     assert not (tmp_path / "sd").exists()
 
 
-def test_cond_noise_perturbs_captioned_conditions_only(tmp_path, clip_dir, monkeypatch):
-    """``cond_noise``: each captioned sample's condition moves by noise of std <= cond_noise;
-    the empty prompt (classifier-free guidance's unconditional states) stays exact; 0 feeds
-    the U-Net exactly the captions' states."""
+@pytest.fixture
+def unet_feed(monkeypatch):
+    """``(clean, fed)``: lists that micro-SD's training fills, per step, with ``(captions, their
+    text states)`` from ``encode_captions`` and with the condition the training U-Net is fed."""
     from diffusers import UNet2DConditionModel
 
     clean, fed = [], []
@@ -402,6 +402,14 @@ def test_cond_noise_perturbs_captioned_conditions_only(tmp_path, clip_dir, monke
 
     monkeypatch.setattr(S, "encode_captions", spy_encode)
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    return clean, fed
+
+
+def test_cond_noise_perturbs_captioned_conditions_only(tmp_path, clip_dir, unet_feed):
+    """``cond_noise``: each captioned sample's condition moves by noise of std <= cond_noise;
+    the empty prompt (classifier-free guidance's unconditional states) stays exact; 0 feeds
+    the U-Net exactly the captions' states."""
+    clean, fed = unet_feed
     noisy = S.train_micro_sd(tmp_path / "noisy", clip_dir, smoke=True, progress=False, cond_noise=0.5,
                              caption_dropout=0.5)
     assert json.loads((noisy / "train_log.json").read_text())["recipe"]["cond_noise"] == 0.5
@@ -473,26 +481,10 @@ def test_blend_position_words_moves_each_position_word_toward_redrawn_attributes
         torch.testing.assert_close(mixed[i, targets], clean[i, targets] + share * gap)
 
 
-def test_position_word_mix_reaches_the_unet_and_is_validated(tmp_path, clip_dir, monkeypatch):
+def test_position_word_mix_reaches_the_unet_and_is_validated(tmp_path, clip_dir, unet_feed):
     """``train_micro_sd(position_word_mix=1)`` feeds the U-Net conditions that differ from the
     captions' states at position words only, leaves the empty prompt exact, and records it."""
-    from diffusers import UNet2DConditionModel
-
-    clean, fed = [], []
-    encode, forward = S.encode_captions, UNet2DConditionModel.forward
-
-    def spy_encode(text_encoder, tokenizer, captions):
-        states = encode(text_encoder, tokenizer, captions)
-        clean.append((list(captions), states))
-        return states
-
-    def spy_forward(self, sample, timestep, cond, *args, **kwargs):
-        if self.training:
-            fed.append(cond.detach().clone())
-        return forward(self, sample, timestep, cond, *args, **kwargs)
-
-    monkeypatch.setattr(S, "encode_captions", spy_encode)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    clean, fed = unet_feed
     out = S.train_micro_sd(tmp_path / "sd", clip_dir, smoke=True, progress=False, position_word_mix=1.0,
                            caption_dropout=0.5)
     assert json.loads((out / "train_log.json").read_text())["recipe"]["position_word_mix"] == 1.0
