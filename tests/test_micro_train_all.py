@@ -155,6 +155,23 @@ def test_condition_changes_reach_only_micro_sds_last_run(smoke_run, tmp_path):
     assert (run["cond_noise"], run["position_word_mix"]) == (0.25, 0.5)
 
 
+def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
+    """``Budget(sd_attention_heads=)`` builds the first run's U-Net with that many heads; the
+    continuations train that U-Net on, and every run's log records the layout it really has."""
+    from kosmos_g.micro.train_all import SMOKE, train_sd
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "clip").symlink_to(smoke_run / "clip")
+    train_sd(out, replace(SMOKE, sd_attention_heads=4), progress=False)
+    for name in ("sd-phase1", "sd-phase2", "sd"):
+        unet = json.loads((out / name / "unet" / "config.json").read_text())
+        logged = json.loads((out / name / "train_log.json").read_text())["recipe"]["sizes"]
+        assert unet["attention_head_dim"] == logged["attention_head_dim"] == 4, name
+    shipped = json.loads((smoke_run / "sd" / "unet" / "config.json").read_text())
+    assert shipped["attention_head_dim"] == SMOKE.sd_attention_heads == 32
+
+
 def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):
     """A run folder written before a Budget field existed (here ``sd_cond_noise``) is resumed by
     a budget whose field has the value it had before (nothing retrained), and refused by one

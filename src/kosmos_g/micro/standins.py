@@ -664,6 +664,16 @@ class MicroUNetSizes:
     attention_head_dim: int = 32
 
 
+def unet_sizes(unet) -> MicroUNetSizes:
+    """The :class:`MicroUNetSizes` a micro U-Net was built with, read from its config (what a
+    continued run's ``train_log.json`` records: its U-Net is the saved one, not a new one)."""
+    cfg = unet.config
+    return MicroUNetSizes(block_out_channels=tuple(cfg.block_out_channels),
+                          attention_levels=tuple(i for i, kind in enumerate(cfg.down_block_types)
+                                                 if kind.startswith("CrossAttn")),
+                          layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim)
+
+
 SMOKE_UNET = MicroUNetSizes(block_out_channels=(8, 16, 16), attention_levels=(2,), attention_head_dim=8)
 
 
@@ -874,7 +884,7 @@ def train_micro_sd(
                   prediction_type=prediction_type, snr_gamma=snr_gamma, object_weight=object_weight,
                   ema_decay=ema_decay, seed=seed, warmup=warmup,
                   resumed_from=None if resume_unet is None else str(resume_unet),
-                  resolution=resolution, sizes=asdict(sizes or MicroUNetSizes()), precision=precision,
+                  resolution=resolution, sizes=asdict(unet_sizes(unet)), precision=precision,
                   cond_noise=cond_noise, position_word_mix=position_word_mix, parameters=sum(p.numel() for p in unet.parameters()))
     partial = out_dir.parent / f".{out_dir.name}.partial.pt"
     log: list[dict[str, float]] = []

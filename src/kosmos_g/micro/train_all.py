@@ -54,6 +54,12 @@ class Budget:
     """Further micro-SD runs, each continuing from the previous run's U-Net (lr 5e-4, 50 warm-up
     steps, fresh EMA, seed 1), one per entry; ``()``: none. The runs before the last are kept in
     ``sd-phase1/``, ``sd-phase2/``, ...; the last is ``sd/``."""
+    sd_attention_heads: int = 32
+    """Attention heads of micro-SD's U-Net (:class:`.standins.MicroUNetSizes`'s
+    ``attention_head_dim``, which diffusers reads as the number of heads): 32 heads of 4
+    channels (the recipe of session 17), or e.g. 4 heads of 32, whose steps are ~20% faster on
+    2 cores (session 26, docs/micro-notes.md). Only the first run builds a U-Net; the
+    continuations keep its layout."""
     sd_cond_noise: float = 0.0
     """micro-SD's last run adds noise of standard deviation up to this to its text conditions
     (:func:`.standins.train_micro_sd`'s ``cond_noise``), so the U-Net tolerates the small errors
@@ -103,7 +109,7 @@ SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_s
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
-BEFORE_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0}
+BEFORE_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0, "sd_attention_heads": 32}
 """What train-all did before each of these Budget fields existed: a run folder whose record
 lacks the field was trained so, and resumes under that value (not the field's default)."""
 
@@ -329,7 +335,7 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     is skipped when its folder exists, so an interrupted ``train-all`` resumes at the run it
     was in. ``step_callback`` is passed to every run (:func:`.standins.train_micro_sd`).
     Returns the last folder."""
-    from .standins import train_micro_sd
+    from .standins import MicroUNetSizes, train_micro_sd
 
     out = Path(out)
     folders = _sd_folders(out, budget)
@@ -338,7 +344,8 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     last_only = {folder: dict(cond_noise=budget.sd_cond_noise, position_word_mix=budget.sd_position_word_mix)
                  if folder == folders[-1] else {} for folder in folders}  # the condition changes: last run only
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **last_only[folders[0]], **common)
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **last_only[folders[0]], **common,
+                       sizes=replace(MicroUNetSizes(), attention_head_dim=budget.sd_attention_heads))
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
             train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
