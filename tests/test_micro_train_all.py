@@ -163,13 +163,13 @@ def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "clip").symlink_to(smoke_run / "clip")
-    train_sd(out, replace(SMOKE, sd_attention_heads=4), progress=False)
+    train_sd(out, replace(SMOKE, sd_attention_heads=8), progress=False)
     for name in ("sd-phase1", "sd-phase2", "sd"):
         unet = json.loads((out / name / "unet" / "config.json").read_text())
         logged = json.loads((out / name / "train_log.json").read_text())["recipe"]["sizes"]
-        assert unet["attention_head_dim"] == logged["attention_head_dim"] == 4, name
-    shipped = json.loads((smoke_run / "sd" / "unet" / "config.json").read_text())
-    assert shipped["attention_head_dim"] == SMOKE.sd_attention_heads == 32
+        assert unet["attention_head_dim"] == logged["attention_head_dim"] == 8, name
+    default = json.loads((smoke_run / "sd" / "unet" / "config.json").read_text())
+    assert default["attention_head_dim"] == SMOKE.sd_attention_heads == 4
 
 
 def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):
