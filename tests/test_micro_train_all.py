@@ -129,32 +129,6 @@ def test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done(smoke_run, tmp
     assert event.calls == 6  # asked before every step (3 + 2 + 1), never after
 
 
-def test_condition_changes_reach_only_micro_sds_last_run(smoke_run, tmp_path):
-    """``Budget(sd_cond_noise=, sd_position_word_mix=)`` change the last micro-SD run's
-    conditions; the runs before it (and the recipe's default) see the captions' own states."""
-    from kosmos_g.micro.train_all import SMOKE, train_sd
-
-    def recipes(out, names):
-        return [json.loads((out / name / "train_log.json").read_text())["recipe"] for name in names]
-
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "clip").symlink_to(smoke_run / "clip")
-    train_sd(out, replace(SMOKE, sd_cond_noise=0.25, sd_position_word_mix=0.5), progress=False)
-    runs = recipes(out, ("sd-phase1", "sd-phase2", "sd"))
-    assert [r["cond_noise"] for r in runs] == [0.0, 0.0, 0.25]
-    assert [r["position_word_mix"] for r in runs] == [0.0, 0.0, 0.5]
-    (shipped,) = recipes(smoke_run, ("sd",))
-    assert shipped["cond_noise"] == shipped["position_word_mix"] == 0.0
-    single = tmp_path / "single"
-    single.mkdir()
-    (single / "clip").symlink_to(smoke_run / "clip")
-    train_sd(single, replace(SMOKE, sd_continue_steps=(), sd_cond_noise=0.25, sd_position_word_mix=0.5),
-             progress=False)
-    (run,) = recipes(single, ("sd",))
-    assert (run["cond_noise"], run["position_word_mix"]) == (0.25, 0.5)
-
-
 def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
     """``Budget(sd_attention_heads=)`` builds the first run's U-Net with that many heads; the
     continuations train that U-Net on, and every run's log records the layout it really has."""
@@ -173,9 +147,10 @@ def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
 
 
 def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):
-    """A run folder written before a Budget field existed (here ``sd_cond_noise``) is resumed by
-    a budget whose field has the value it had before (nothing retrained), and refused by one
-    that sets the field otherwise: the record says what its run was trained with."""
+    """A run folder written before a Budget field existed (here ``sd_attention_heads``, whose
+    value before was 32) is resumed by a budget whose field has the value it had before
+    (nothing retrained), and refused by the default one: the record says what its run was
+    trained with."""
     import shutil
 
     from kosmos_g.micro.train_all import SMOKE, train_all
@@ -183,14 +158,38 @@ def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run
     out = tmp_path / "run"
     shutil.copytree(smoke_run, out, symlinks=True)
     record = json.loads((out / "train_all.json").read_text())
-    del record["budget"]["sd_cond_noise"]
+    del record["budget"]["sd_attention_heads"]
+    (out / "train_all.json").write_text(json.dumps(record))
+    weights = out / "release" / "kosmos-g" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    train_all(out, budget=replace(SMOKE, sd_attention_heads=32), progress=False)
+    assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"differing: \['sd_attention_heads'\]"):
+        train_all(out, smoke=True, progress=False)
+
+
+@pytest.mark.parametrize("field", ["sd_cond_noise", "sd_position_word_mix"])
+def test_a_record_with_a_removed_field_resumes_only_if_it_was_off(smoke_run, tmp_path, field):
+    """A run folder from before a Budget field was removed records it: at its "off" value the
+    run resumes (nothing retrained); trained with it on, it is refused by name, not finished
+    under a recipe it was not started with."""
+    import shutil
+
+    from kosmos_g.micro.train_all import train_all
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out, symlinks=True)
+    record = json.loads((out / "train_all.json").read_text())
+    record["budget"][field] = 0.0
     (out / "train_all.json").write_text(json.dumps(record))
     weights = out / "release" / "kosmos-g" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     train_all(out, smoke=True, progress=False)
     assert weights.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match=r"differing: \['sd_cond_noise'\]"):
-        train_all(out, budget=replace(SMOKE, sd_cond_noise=0.5), progress=False)
+    record["budget"][field] = 0.5
+    (out / "train_all.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"started with {field}=0.5, an experiment train-all no longer has"):
+        train_all(out, smoke=True, progress=False)
 
 
 def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, capsys):

@@ -720,44 +720,6 @@ def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tenso
     return text_encoder(ids).last_hidden_state
 
 
-def blend_position_words(cond: torch.Tensor, scenes: Sequence[Scene],
-                         drawn: Sequence[tuple[str, list[tuple[int, int]]] | None], rng: np.random.Generator,
-                         fraction: float, text_encoder, tokenizer) -> torch.Tensor:
-    """``cond`` (B, L, D: the text states of ``drawn``'s captions) with, in a ``fraction`` of
-    the captioned samples, each object's position-word state (:func:`binding_targets`) moved
-    a uniform ``[0, 1]`` share of the way to its state in the same caption with every shape,
-    colour, pattern and size word redrawn (another word of its kind). ``drawn[i]`` is
-    ``(caption, spans)`` of ``scenes[i]`` (:meth:`.Scene.caption_with_spans`) or None (an
-    empty caption, left exact). See :func:`train_micro_sd`'s ``position_word_mix``."""
-    kinds = [list(world.SHAPES), list(world.COLORS), list(world.PATTERNS), list(world.SIZES)]
-    choices: dict[int, list[int]] = {}
-    for words in kinds:
-        ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
-        if any(len(i) != 1 for i in ids):
-            raise ValueError(f"the tokenizer splits some of {words} into several tokens; position-word blending "
-                             "needs one token per attribute word (the micro tokenizer's)")
-        for i in ids:
-            choices[i[0]] = [j[0] for j in ids if j != i]
-    picked = [i for i, d in enumerate(drawn) if d is not None and rng.random() < fraction]
-    if not picked:
-        return cond
-    ids = tokenizer([drawn[i][0] for i in picked], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    redrawn = ids.clone()
-    for row in range(ids.shape[0]):
-        for col, token in enumerate(ids[row].tolist()):
-            if token in choices:
-                redrawn[row, col] = choices[token][int(rng.integers(len(choices[token])))]
-    other = text_encoder(redrawn).last_hidden_state
-    cond = cond.clone()
-    for row, i in enumerate(picked):
-        weight = float(rng.random())
-        for target in binding_targets(scenes[i], *drawn[i]):
-            col = target[0]
-            cond[i, col] += weight * (other[row, col] - cond[i, col])
-    return cond
-
-
 def train_micro_sd(
     out_dir: str | os.PathLike,
     clip_dir: str | os.PathLike,
@@ -780,8 +742,6 @@ def train_micro_sd(
     resolution: int = SD_SIZE,
     checkpoint_every: int = 250,
     precision: str = "fp32",
-    cond_noise: float = 0.0,
-    position_word_mix: float = 0.0,
     step_callback: Callable[[int], None] | None = None,
 ) -> Path:
     """Train micro-SD text-to-image in pixel space at ``resolution`` (default
@@ -812,19 +772,6 @@ def train_micro_sd(
     precision used is recorded in ``train_log.json``. Either way the U-Net attends with plain
     matmuls (:func:`kosmos_g.kernels.use_matmul_attention_if_small`).
 
-    ``cond_noise`` > 0 adds Gaussian noise to each captioned sample's condition, its standard
-    deviation drawn uniformly from ``[0, cond_noise]`` per sample (the empty prompt of
-    classifier-free guidance stays exact): the U-Net learns to draw a scene from states near
-    its caption's, as Kosmos-G's conditions from an image are (docs/micro-notes.md, session
-    24). 0 (default): no noise, and no extra random draws.
-
-    ``position_word_mix`` > 0 is the fraction of captioned samples whose position-word states
-    (each object's :func:`binding_targets` token) are blended, with a weight drawn uniformly
-    from ``[0, 1]``, toward that token's state in the same caption with every shape, colour,
-    pattern and size word redrawn: the U-Net learns to take the subject from the attribute
-    words when the position word's binding disagrees with them, as Kosmos-G's misses there do
-    (docs/micro-notes.md, session 25). 0 (default): off, and no extra random draws.
-
     ``step_callback(step)``, if given, is called before each step (``train-all`` uses it to
     give a run more threads once the jobs beside it are done).
 
@@ -846,12 +793,6 @@ def train_micro_sd(
         steps, batch_size, sizes, warmup = min(steps, 4), min(batch_size, 4), sizes or SMOKE_UNET, 1
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
-    if not 0 <= cond_noise < float("inf"):
-        raise ValueError(f"cond_noise={cond_noise} must be >= 0 (the largest noise std added to a condition; "
-                         "0: off)")
-    if not 0 <= position_word_mix <= 1:
-        raise ValueError(f"position_word_mix={position_word_mix} must be in [0, 1] (the fraction of captioned "
-                         "samples whose position words are blended toward redrawn attributes; 0: off)")
     precision = resolve_precision(precision)
     levels = len((sizes or MicroUNetSizes()).block_out_channels)
     if resolution < 16 or resolution % 2 ** (levels - 1):
@@ -887,7 +828,7 @@ def train_micro_sd(
                   ema_decay=ema_decay, seed=seed, warmup=warmup,
                   resumed_from=None if resume_unet is None else str(resume_unet),
                   resolution=resolution, sizes=asdict(unet_sizes(unet)), precision=precision,
-                  cond_noise=cond_noise, position_word_mix=position_word_mix, parameters=sum(p.numel() for p in unet.parameters()))
+                  parameters=sum(p.numel() for p in unet.parameters()))
     partial = out_dir.parent / f".{out_dir.name}.partial.pt"
     log: list[dict[str, float]] = []
     start, elapsed = 0, 0.0
@@ -902,15 +843,9 @@ def train_micro_sd(
         scenes, images, masks = _scenes_and_images(rng, batch_size, resolution)
         weight = 1.0 + (object_weight - 1.0) * torch.from_numpy(masks).float()[:, None]  # (B, 1, S, S)
         weight = weight / weight.mean(dim=(1, 2, 3), keepdim=True)
-        drawn = [None if rng.random() < caption_dropout else s.caption_with_spans(rng) for s in scenes]
-        captions = ["" if d is None else d[0] for d in drawn]
+        captions = ["" if rng.random() < caption_dropout else s.caption(rng) for s in scenes]
         with torch.no_grad():
             cond = encode_captions(text_encoder, tokenizer, captions)  # (B, L, D)
-            if position_word_mix:
-                cond = blend_position_words(cond, scenes, drawn, rng, position_word_mix, text_encoder, tokenizer)
-        if cond_noise:
-            std = torch.rand(batch_size) * cond_noise * torch.tensor([c != "" for c in captions])
-            cond = cond + std[:, None, None] * torch.randn_like(cond)
         x0 = images_to_sd_pixels(images)  # (B, 3, S, S)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
@@ -961,14 +896,19 @@ def _save_sd_partial(path: Path, recipe: dict[str, Any], step: int, elapsed: flo
     os.replace(tmp, path)
 
 
+REMOVED_SD_ARGS = {"cond_noise": 0.0, "position_word_mix": 0.0}
+"""Arguments :func:`train_micro_sd` once had (experiments of sessions 24-25, off by default,
+removed in session 27), at their "off" value: a partial run saved with them so still resumes."""
+
+
 def _load_sd_partial(path: Path, recipe: dict[str, Any], *, unet, ema, opt, sched,
                      rng: np.random.Generator) -> tuple[int, float, list[dict[str, float]]]:
     """Restore what :func:`_save_sd_partial` wrote into the fresh objects; returns
     ``(step, elapsed seconds, log)``. A state from other arguments is refused, not mixed in."""
     state = torch.load(path, weights_only=True)
-    if state["recipe"] != recipe:
-        diff = sorted(k for k in recipe.keys() | state["recipe"].keys()
-                      if recipe.get(k) != state["recipe"].get(k))
+    saved = {k: v for k, v in state["recipe"].items() if not (k in REMOVED_SD_ARGS and v == REMOVED_SD_ARGS[k])}
+    if saved != recipe:
+        diff = sorted(k for k in recipe.keys() | saved.keys() if recipe.get(k) != saved.get(k))
         raise ValueError(f"{path} holds a partial micro-SD run with other arguments (differing: {diff}); "
                          f"call again with the arguments it was started with to resume it, or delete it "
                          f"to start over.")

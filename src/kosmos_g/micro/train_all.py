@@ -60,15 +60,6 @@ class Budget:
     channels, whose training steps are ~15-20% faster on 2 cores than the 32 heads of 4 channels
     of the recipe before session 26, with a micro-SD at least as good (docs/micro-notes.md,
     session 26). Only the first run builds a U-Net; the continuations keep its layout."""
-    sd_cond_noise: float = 0.0
-    """micro-SD's last run adds noise of standard deviation up to this to its text conditions
-    (:func:`.standins.train_micro_sd`'s ``cond_noise``), so the U-Net tolerates the small errors
-    of a condition Kosmos-G builds from an image. 0: off (the recipe before session 24)."""
-    sd_position_word_mix: float = 0.0
-    """micro-SD's last run blends this fraction of its captions' position-word states toward a
-    caption with redrawn attributes (:func:`.standins.train_micro_sd`'s ``position_word_mix``), so
-    the U-Net takes the subject from the attribute words when the position word's binding is off,
-    as Kosmos-G's is (docs/micro-notes.md, session 25). 0: off (the recipe before session 25)."""
     unet_precision: str = "auto"
     """The micro U-Net's precision in micro-SD's training and in stage 3's pass through it
     (:func:`.standins.train_micro_sd`'s ``precision``, ``stage3.unet_precision``): ``"auto"`` is
@@ -109,9 +100,14 @@ SMOKE = Budget(clip_steps=3, clip_batch=8, sd_steps=3, sd_batch=4, sd_continue_s
                stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
                stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
 
-BEFORE_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0, "sd_attention_heads": 32}
+BEFORE_FIELDS = {"sd_attention_heads": 32}
 """What train-all did before each of these Budget fields existed: a run folder whose record
 lacks the field was trained so, and resumes under that value (not the field's default)."""
+
+REMOVED_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0}
+"""Budget fields that no longer exist (experiments of sessions 24-25, off by default, removed in
+session 27; docs/micro-notes.md), at the value that left them off: a run folder whose record
+holds them at that value resumes; one trained with them on is refused."""
 
 def _text_sample(rng: np.random.Generator) -> dict[str, Any]:
     """A ``text`` sample: a scene's caption, or an edit instruction (the world's language)."""
@@ -341,15 +337,13 @@ def train_sd(out: str | os.PathLike, budget: Budget, progress: bool = True, *,
     folders = _sd_folders(out, budget)
     common = dict(batch_size=budget.sd_batch, resolution=budget.sd_resolution, precision=budget.unet_precision,
                   progress=progress, step_callback=step_callback)
-    last_only = {folder: dict(cond_noise=budget.sd_cond_noise, position_word_mix=budget.sd_position_word_mix)
-                 if folder == folders[-1] else {} for folder in folders}  # the condition changes: last run only
     if not folders[0].exists():
-        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **last_only[folders[0]], **common,
+        train_micro_sd(folders[0], out / "clip", steps=budget.sd_steps, **common,
                        sizes=replace(MicroUNetSizes(), attention_head_dim=budget.sd_attention_heads))
     for previous, folder, steps in zip(folders, folders[1:], budget.sd_continue_steps):
         if not folder.exists():
             train_micro_sd(folder, out / "clip", steps=steps, lr=5e-4, warmup=50, seed=1,
-                           resume_unet=previous / "unet", **last_only[folder], **common)
+                           resume_unet=previous / "unet", **common)
     return folders[-1]
 
 
@@ -458,8 +452,13 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if "budget" in record:
         wanted = json.loads(json.dumps(asdict(budget)))  # tuples as JSON lists, like the record's
-        differing = sorted(k for k in wanted.keys() | record["budget"].keys()
-                           if wanted.get(k) != record["budget"].get(k, BEFORE_FIELDS.get(k)))
+        had = {k: v for k, v in record["budget"].items() if not (k in REMOVED_FIELDS and v == REMOVED_FIELDS[k])}
+        differing = sorted(k for k in wanted.keys() | had.keys() if wanted.get(k) != had.get(k, BEFORE_FIELDS.get(k)))
+        gone = [k for k in differing if k in REMOVED_FIELDS]
+        if gone:
+            raise ValueError(f"{out} holds a train-all run started with {', '.join(f'{k}={had[k]}' for k in gone)}, "
+                             f"an experiment train-all no longer has (docs/micro-notes.md, session 27); resume it "
+                             f"with a checkout from before its removal (commit d86802d), or use a new --out folder.")
         if differing:
             raise ValueError(f"{out} holds a train-all run with another budget (differing: {differing}); "
                              f"resume it with the options it was started with, or use a new --out folder.")

@@ -269,19 +269,6 @@ class Stage3Spec(CellLabelSpec):
     to the denoising loss of those samples. It tells the image path
     directly what condition the words give, where the denoising loss only says so through
     the U-Net's pixels."""
-    align_entity_weight: float = 1.0
-    """With ``text_align_weight``: a compositional sample's alignment error at its caption's
-    tokens from the first entity through the end-of-text token weighs this many times the
-    error at the other tokens (a weighted mean; not in the paper; 1.0: a plain mean). A
-    causal text encoder writes an entity's attributes into the tokens after it too (the micro
-    world's binding text encoder into its position word), and a plain mean over 77 tokens
-    gives those few tokens little pull (docs/micro-notes.md, session 24)."""
-    align_space: str = "states"
-    """Where ``text_align_weight``'s error is measured: ``"states"``, the text encoder's states
-    (a plain MSE); ``"unet_kv"``, the frozen U-Net's cross-attention keys and values of them
-    (every cross-attention layer's ``to_k``/``to_v``, each error divided by that projection's
-    mean squared gain, so an error in every direction alike scores as in ``"states"``): the
-    directions the U-Net reads weigh by how much it reads them (docs/micro-notes.md, session 24)."""
     max_caption_tokens: int = 128
     """Caption samples longer than this (MLLM tokens) are filtered, as the official loader does."""
     min_caption_image_size: int = 0
@@ -309,10 +296,6 @@ class Stage3Spec(CellLabelSpec):
                 raise ValueError(f"stage3.{name} must be in [0, 1], got {value}.")
         if not self.text_align_weight >= 0:
             raise ValueError(f"stage3.text_align_weight must be >= 0 (0: off), got {self.text_align_weight}.")
-        if not self.align_entity_weight > 0:
-            raise ValueError(f"stage3.align_entity_weight must be > 0 (1.0: off), got {self.align_entity_weight}.")
-        if self.align_space not in ("states", "unet_kv"):
-            raise ValueError(f"stage3.align_space must be 'states' or 'unet_kv', got {self.align_space!r}.")
         if not self.foreground_weight > 0:
             raise ValueError(f"stage3.foreground_weight must be > 0 (1.0: off), got {self.foreground_weight}.")
         if self.resolution <= 0 or self.resolution % 8:

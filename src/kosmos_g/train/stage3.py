@@ -20,9 +20,6 @@ target's optional foreground mask more in the loss (docs/data-format.md).
 ``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for every sample whose
 target has a caption (compositional samples; edits that carry the edited image's
 ``target_caption``), the MSE between the condition and the SD text encoder's states of it.
-``stage3.align_entity_weight`` (not in the paper; default 1, off) weighs that MSE more at a
-compositional caption's tokens from its first entity on, where a causal text encoder puts
-the entity's attributes.
 ``stage3.cell_label_weight`` (not in the paper; default 0, off) adds stage 1's per-cell
 attribute loss (:class:`.stage1.CellLabelHead`, a fresh head) on the resampler's output of
 edit sources that carry ``"src_cell_labels"``, so the source scene's objects stay apart.
@@ -122,7 +119,7 @@ class Stage3Builder:
                  num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
                  latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1,
                  clip_tokenizer=None, clip_length: int = 77, cell_classes: dict[str, int] | None = None,
-                 cells: int = 9, align_entity_weight: float = 1.0) -> None:
+                 cells: int = 9) -> None:
         self.processor = processor
         self.resolution = resolution
         self.caption_drop = caption_drop
@@ -139,21 +136,10 @@ class Stage3Builder:
         """Set (``stage3.text_align_weight``): compositional samples and edits with a
         ``target_caption`` carry the CLIP ids of their target's caption."""
         self.clip_length = clip_length
-        self.align_entity_weight = align_entity_weight
         self.cell_classes = dict(cell_classes or {})
         """Set (``stage3.cell_label_weight``): every example carries one label row per prompt
         image, an edit's source from its ``src_cell_labels``, the rest unlabelled (-1)."""
         self.cells = cells
-
-    def entity_token_weights(self, caption: str, entities: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """(clip_length,) alignment weights of a compositional caption: ``align_entity_weight``
-        from the first entity's first CLIP token through the end-of-text token, 1 elsewhere."""
-        first = min(int(e["start"]) for e in entities)
-        start = len(self.clip_tokenizer(caption[:first]).input_ids) - 1  # [BOS, prefix..., EOS]: the entity's index
-        end = len(self.clip_tokenizer(caption).input_ids)  # through the EOS token
-        weights = torch.ones(self.clip_length)
-        weights[min(start, self.clip_length):min(end, self.clip_length)] = self.align_entity_weight
-        return weights
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
         meta = validate_sample(raw)
@@ -187,8 +173,6 @@ class Stage3Builder:
             target_caption = meta["caption"]
         if self.clip_tokenizer is not None and target_caption is not None:
             example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, self.clip_length)
-            if kind == "compositional" and self.align_entity_weight != 1.0:
-                example["align_weights"] = self.entity_token_weights(target_caption, meta["entities"])
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         if self.cell_classes:
@@ -251,17 +235,8 @@ class DiffusionModule(nn.Module):
 
     def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
                  text_align_weight: float = 0.0, cell_head: CellLabelHead | None = None,
-                 cell_weight: float = 0.0, unet_bf16: bool = False, align_space: str = "states") -> None:
+                 cell_weight: float = 0.0, unet_bf16: bool = False) -> None:
         super().__init__()
-        self.align_space = align_space
-        self.kv_weights: list[torch.Tensor] = []  # align_space "unet_kv": every cross-attention to_k / to_v
-        self.kv_gains: list[float] = []  # each one's mean squared gain (frozen, so computed once)
-        if align_space == "unet_kv":
-            from diffusers.models.attention_processor import Attention
-
-            self.kv_weights = [lin.weight for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention
-                               for lin in (m.to_k, m.to_v)]
-            self.kv_gains = [w.detach().float().pow(2).sum().item() / w.shape[0] for w in self.kv_weights]
         self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
@@ -271,17 +246,6 @@ class DiffusionModule(nn.Module):
         self.text_align_weight = text_align_weight
         self.cell_head = cell_head
         self.cell_weight = cell_weight
-
-    def align_error(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) condition and text states -> (B, L) squared error per token: the mean over
-        the states' dimensions, or (``align_space="unet_kv"``) the mean over the U-Net's
-        cross-attention key and value projections of the error, each divided by that
-        projection's mean squared gain (biases cancel in the difference)."""
-        diff = cond.float() - target.float()
-        if self.align_space == "states":
-            return diff.pow(2).mean(dim=2)
-        return torch.stack([F.linear(diff, w.float()).pow(2).mean(dim=2) / gain
-                            for w, gain in zip(self.kv_weights, self.kv_gains)]).mean(dim=0)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
@@ -294,13 +258,8 @@ class DiffusionModule(nn.Module):
         cond = keep_image_weights_in_graph(self.model, cond, pixels)
         align = None
         if batch.get("text_target") is not None:  # (B, 77, D); rows without a caption have align_mask False
-            per_token = self.align_error(cond, batch["text_target"])  # (B, 77)
-            weights = batch.get("align_weights")  # (B, 77): stage3.align_entity_weight, a weighted mean
-            if weights is None:
-                align = per_token.mean(dim=1) * batch["align_mask"]
-            else:
-                weights = weights.to(per_token.device)
-                align = (per_token * weights).sum(dim=1) / weights.sum(dim=1) * batch["align_mask"]
+            per_token = (cond.float() - batch["text_target"].float()).pow(2).mean(dim=2)  # (B, 77)
+            align = per_token.mean(dim=1) * batch["align_mask"]
         null = self.model.unconditional(1).to(cond.dtype)  # (1, 77, D): "<s>" alone
         cond = torch.where(batch["drop"][:, None, None], null, cond)
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
@@ -409,8 +368,7 @@ class Stage3(Stage):
             head = CellLabelHead(r.num_queries, r.output_dim, spec.cell_classes.values(), spec.cells)
         self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
                                       self.source_names, text_align_weight=spec.text_align_weight,
-                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16,
-                                      align_space=spec.align_space)
+                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16)
         self.builder = Stage3Builder(
             self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
@@ -418,8 +376,7 @@ class Stage3(Stage):
             max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
             latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor,
             clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries,
-            cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells,
-            align_entity_weight=spec.align_entity_weight)
+            cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells)
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -437,9 +394,6 @@ class Stage3(Stage):
         if self.text_encoder is not None:  # text_align_weight: only samples with a target caption carry CLIP ids
             batch["clip_ids"] = [ex.get("clip_ids") for ex in examples]
             batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
-            if any("align_weights" in ex for ex in examples):  # the rest weigh every token alike
-                batch["align_weights"] = torch.stack([ex.get("align_weights", torch.ones(self.builder.clip_length))
-                                                      for ex in examples])
         if self.module.cell_head is not None:
             batch["cell_labels"] = self.module.cell_head.collate([ex["cell_labels"] for ex in examples])
         return batch
