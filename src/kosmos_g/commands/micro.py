@@ -1,6 +1,6 @@
 """``kosmos-g micro train-all|eval|train-reader``: the micro world's models, from scratch, and their scores.
 
-    kosmos-g micro train-all --out runs/micro          # ~104-110 min on 2 CPU cores (estimated); resumable
+    kosmos-g micro train-all --out runs/micro          # ~103 min on 2 CPU cores (measured); resumable
     kosmos-g micro train-all --out runs/s --standins shipped  # stages 1-3 only, on the shipped stand-ins (~70 min)
     kosmos-g micro train-all --out /tmp/m --smoke      # every step, a few iterations each
     kosmos-g micro eval                                # the shipped model: table + grid PNG
