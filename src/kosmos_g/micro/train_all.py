@@ -109,6 +109,7 @@ REMOVED_FIELDS = {"sd_cond_noise": 0.0, "sd_position_word_mix": 0.0}
 session 27; docs/micro-notes.md), at the value that left them off: a run folder whose record
 holds them at that value resumes; one trained with them on is refused."""
 
+
 def _text_sample(rng: np.random.Generator) -> dict[str, Any]:
     """A ``text`` sample: a scene's caption, or an edit instruction (the world's language)."""
     scene = world.sample_scene(rng, exclude_held_out=True)
