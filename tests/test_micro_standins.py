@@ -304,6 +304,68 @@ def test_micro_clip_is_deterministic_for_a_seed(tmp_path, clip_dir):
         assert (again / sub / weights).read_bytes() == (clip_dir / sub / weights).read_bytes()
 
 
+def test_patch_labels_name_the_object_covering_most_of_each_tile():
+    """Every tile an object covers a quarter of or more carries that object's shape, colour and
+    pattern (the one covering most of it, after occlusion); every other tile is "none"."""
+    rng = np.random.default_rng(3)
+    names = list(world.CELL_ATTRIBUTES)
+    seen = set()
+    for _ in range(40):
+        scene = world.sample_scene(rng)
+        result = world.render(scene, 64)
+        for patch in (8, 16):
+            labels = S.patch_labels(result.masks, scene, patch)
+            grid = 64 // patch
+            assert labels.shape == (grid * grid, 3)
+            for t, row in enumerate(labels):
+                r, c = divmod(t, grid)
+                tile = (slice(r * patch, (r + 1) * patch), slice(c * patch, (c + 1) * patch))
+                cover = [int(m[tile].sum()) for m in result.masks]
+                if not cover or max(cover) * 4 < patch * patch:
+                    assert row.tolist() == [n - 1 for n in S.PATCH_CLASSES]
+                    continue
+                obj = scene.objects[int(np.argmax(cover))]
+                assert row.tolist() == [world.CELL_ATTRIBUTES[n].index(getattr(obj, n)) for n in names]
+                seen.add(row[0])
+    assert len(seen) >= 6  # the check ran over most shapes
+    empty = world.Scene("gray", ())
+    assert (S.patch_labels(world.render(empty, 64).masks, empty, 8) == np.array(S.PATCH_CLASSES) - 1).all()
+
+
+def test_clip_batch_patch_labels_change_no_draw_and_skip_crops():
+    a = S.clip_batch(np.random.default_rng(1), 12, crop_fraction=0.5)
+    b = S.clip_batch(np.random.default_rng(1), 12, crop_fraction=0.5, patch_size=8)
+    assert len(a) == 3 and len(b) == 4
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    crops = [lab is None for lab in b[3]]
+    assert any(crops) and not all(crops)
+    assert all(lab.shape == (64, 3) for lab in b[3] if lab is not None)
+
+
+def test_refine_micro_clip_vision_trains_the_vision_tower_only(tmp_path, clip_dir):
+    """The second phase keeps the text tower (micro-SD's condition) value for value, moves the
+    vision tower, and its dense loss falls; the head is not saved."""
+    from safetensors.torch import load_file
+
+    out = S.refine_micro_clip_vision(clip_dir, tmp_path / "dense", steps=40, batch_size=8, lr=3e-3, warmup=1,
+                                     log_every=1, progress=False)
+    for sub, same in (("text_encoder", True), ("vision", False)):
+        ours, theirs = load_file(str(out / sub / "model.safetensors")), load_file(str(clip_dir / sub / "model.safetensors"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours) is same, sub
+    clip = load_file(str(out / "clip" / "model.safetensors"))
+    assert not any(k.startswith("head") for k in clip)
+    log = json.loads((out / "train_log.json").read_text())
+    dense = [r["dense_loss"] for r in log["log"]]
+    assert np.mean(dense[-10:]) < 0.7 * np.mean(dense[:5])
+    assert log["recipe"]["init"] == str(clip_dir) and log["recipe"]["steps"] == 40
+    with pytest.raises(FileNotFoundError, match="micro-CLIP folder"):
+        S.refine_micro_clip_vision(tmp_path / "missing", tmp_path / "x", steps=1, progress=False)
+    with pytest.raises(ValueError, match="dense_weight=-1"):
+        S.refine_micro_clip_vision(clip_dir, tmp_path / "x", steps=1, dense_weight=-1, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------- micro-SD
 
 

@@ -241,17 +241,19 @@ def entity_caption(obj: ObjectSpec) -> str:
 
 
 def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: float = 0.0,
-               hard_negatives: bool = True, bindings: bool = False) -> tuple[Any, ...]:
+               hard_negatives: bool = True, bindings: bool = False,
+               patch_size: int | None = None) -> tuple[Any, ...]:
     """One micro-CLIP training batch: ``(images (B, 64, 64, 3) uint8, captions, negatives)``.
 
     A ``crop_fraction`` of the pairs are an entity crop (square or background-whitened,
     like a Kosmos-G subject image) with its entity caption; the rest are whole scenes
     with full captions. ``negatives[i]`` is the caption of item ``i``'s perturbed scene
     (:func:`perturb_scene`); empty when ``hard_negatives`` is False. ``bindings=True`` adds a
-    fourth element: per item its :func:`binding_targets` (``[]`` for a crop). It draws no
-    random numbers: the batch is the same either way.
+    fourth element: per item its :func:`binding_targets` (``[]`` for a crop); a ``patch_size``
+    adds one more: per item its :func:`patch_labels` (None for a crop). Neither draws random
+    numbers: the batch is the same either way.
     """
-    images, captions, negatives, binds = [], [], [], []
+    images, captions, negatives, binds, patches = [], [], [], [], []
     for _ in range(batch_size):
         scene = world.sample_scene(rng)
         result = world.render(scene, IMAGE_SIZE)
@@ -262,6 +264,7 @@ def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: floa
             obj = scene.objects[i]
             captions.append(entity_caption(obj))
             binds.append([])
+            patches.append(None)
             if hard_negatives:
                 kind = _pick(rng, ("color", "pattern", "shape"))
                 bad, _ = perturb_scene(rng, Scene("gray", (obj,)), kind)
@@ -276,9 +279,9 @@ def clip_batch(rng: np.random.Generator, batch_size: int, *, crop_fraction: floa
             caption, spans = scene.caption_with_spans(rng)
         captions.append(caption)
         binds.append(binding_targets(scene, caption, spans))
-    if bindings:
-        return np.stack(images), captions, negatives, binds
-    return np.stack(images), captions, negatives
+        patches.append(patch_labels(result.masks, scene, patch_size) if patch_size else None)
+    return (np.stack(images), captions, negatives, *([binds] if bindings else []),
+            *([patches] if patch_size else []))
 
 
 def _features(obj: Any) -> torch.Tensor:
@@ -336,6 +339,17 @@ def clip_loss(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
             loss = loss + bind_weight * bind
             stats["bind_loss"] = bind.item()
     return loss, stats
+
+
+def _clip_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float, warmup: int,
+                    steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """micro-CLIP's AdamW (CLIP's betas and eps; no decay on biases, norms and embeddings) and
+    its warm-up + cosine schedule."""
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
 
 
 def train_micro_clip(
@@ -400,12 +414,7 @@ def train_micro_clip(
         if bind_weight > 0:  # created after the model, so the model's initial weights do not change
             bind_head = torch.nn.Linear(config.text_config.hidden_size, sum(BIND_CLASSES))
             named += [("bind_head." + n, p) for n, p in bind_head.named_parameters()]
-        decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr, betas=(0.9, 0.98), eps=1e-6)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
+        opt, sched = _clip_optimizer(named, lr, weight_decay, warmup, steps)
         log: list[dict[str, float]] = []
         bar = tqdm(range(steps), desc="micro-CLIP", disable=not progress)
         t0 = time.time()
@@ -432,6 +441,134 @@ def train_micro_clip(
         recipe = dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                       crop_fraction=crop_fraction, hard_negatives=hard_negatives, token_weight=token_weight,
                       bind_weight=bind_weight, seed=seed, sizes=asdict(sizes or MicroClipSizes()), parameters=n_params)
+        (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
+    return out_dir
+
+
+PATCH_CLASSES = tuple(len(v) + 1 for v in world.CELL_ATTRIBUTES.values())
+"""Classes of :func:`patch_labels` per attribute (shape, colour, pattern): the world's, then "none"."""
+
+
+def patch_labels(masks: Sequence[np.ndarray], scene: Scene, patch: int) -> np.ndarray:
+    """Per ``patch`` x ``patch`` tile of a rendered scene (row-major, as a ViT's patch tokens), the
+    shape, colour and pattern class of the object covering most of the tile, or each
+    attribute's "none" class (its last) where objects cover under a quarter of it:
+    ``(tiles, 3)`` int64, the targets of micro-CLIP's dense loss (:func:`refine_micro_clip_vision`).
+
+    Example:
+        >>> s = Scene("gray", (world.ObjectSpec("star", "red", "solid", "large", "center"),))
+        >>> labels = patch_labels(world.render(s, 64).masks, s, 8)
+        >>> labels.shape, labels[0].tolist(), labels[4 * 8 + 4].tolist()[0] == world.SHAPES.index("star")
+        ((64, 3), [8, 8, 4], True)
+    """
+    none = [n - 1 for n in PATCH_CLASSES]
+    size = masks[0].shape[0] if masks else IMAGE_SIZE
+    grid = size // patch
+    if not masks:
+        return np.tile(np.array(none, dtype=np.int64), (grid * grid, 1))
+    cover = np.stack(masks).reshape(len(masks), grid, patch, grid, patch).sum(axis=(2, 4)).reshape(len(masks), -1)
+    best = cover.argmax(0)  # (tiles,)
+    rows = [[classes.index(getattr(obj, name)) for name, classes in world.CELL_ATTRIBUTES.items()]
+            for obj in scene.objects]
+    labels = np.array(rows, dtype=np.int64)[best]
+    labels[cover.max(0) * 4 < patch * patch] = none
+    return labels
+
+
+def refine_micro_clip_vision(
+    clip_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    weight_decay: float = 0.05,
+    warmup: int = 50,
+    dense_weight: float = 1.0,
+    crop_fraction: float = 0.25,
+    seed: int = 0,
+    progress: bool = True,
+    log_every: int = 50,
+) -> Path:
+    """Continue a micro-CLIP's vision tower with its text tower frozen, and save the result
+    like :func:`train_micro_clip` (``out_dir/{clip,text_encoder,vision,tokenizer}``, the text
+    encoder unchanged value for value, so a micro-SD trained on it still fits).
+
+    The loss is CLIP's InfoNCE against the frozen text tower (with hard negatives, as before)
+    plus ``dense_weight`` times a dense attribute loss: a linear head (trained beside the tower,
+    not saved) reads, from every patch token of the features the MLLM gets (after the final
+    LayerNorm), the shape, colour and pattern of the object under that patch
+    (:func:`patch_labels`; entity crops are not labelled). InfoNCE supervises only the pooled
+    class token, so in a scene of two or three objects the patch tokens carried an object's
+    colour but rarely its shape (docs/micro-notes.md, sessions 18-19 and 28). The lr warms up
+    over ``warmup`` steps and decays on a cosine, as in :func:`train_micro_clip`.
+    """
+    from transformers import CLIPModel, CLIPTokenizer
+
+    if steps < 1 or batch_size < 2 or dense_weight < 0:
+        raise ValueError(f"steps={steps}, batch_size={batch_size}, dense_weight={dense_weight}: "
+                         "need steps >= 1, batch_size >= 2 and dense_weight >= 0")
+    clip_dir, out_dir = Path(clip_dir), Path(out_dir)
+    if not (clip_dir / "clip").is_dir():
+        raise FileNotFoundError(f"{clip_dir / 'clip'} not found; give a micro-CLIP folder (train_micro_clip's output)")
+    with atomic_dir(out_dir) as tmp:
+        tok = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        model = CLIPModel.from_pretrained(clip_dir / "clip", dtype=torch.float32)
+        model.set_attn_implementation("eager")
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        vcfg = model.config.vision_config
+        head = torch.nn.Linear(vcfg.hidden_size, sum(PATCH_CLASSES))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trained = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "visual_projection."))]
+        named = trained + [("head." + n, p) for n, p in head.named_parameters()]
+        for _, p in named:
+            p.requires_grad_(True)
+        opt, sched = _clip_optimizer(named, lr, weight_decay, warmup, steps)
+        model.text_model.eval()
+        model.vision_model.train()
+        log: list[dict[str, float]] = []
+        bar = tqdm(range(steps), desc="micro-CLIP vision", disable=not progress)
+        t0 = time.time()
+        for step in bar:
+            images, captions, negatives, labels = clip_batch(rng, batch_size, crop_fraction=crop_fraction,
+                                                             patch_size=vcfg.patch_size)
+            ids = tok(captions + negatives, padding="longest", truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                text = F.normalize(model.text_projection(model.text_model(input_ids=ids).pooler_output), dim=-1)
+            out = model.vision_model(pixel_values=images_to_clip_pixels(images))
+            image = F.normalize(model.visual_projection(out.pooler_output), dim=-1)
+            logits = model.logit_scale.exp().clamp(max=100.0) * image @ text.t()
+            target = torch.arange(batch_size)
+            clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].t(), target)) / 2
+            stats = {"acc": (logits.argmax(1) == target).float().mean().item()}
+            loss = clip
+            rows = [i for i, lab in enumerate(labels) if lab is not None]
+            if dense_weight > 0 and rows:
+                tokens = model.vision_model.post_layernorm(out.last_hidden_state[rows, 1:])
+                pred = head(F.layer_norm(tokens, tokens.shape[-1:])).split(PATCH_CLASSES, dim=-1)
+                y = torch.from_numpy(np.stack([labels[i] for i in rows]))  # (N, tiles, 3)
+                dense = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), y[..., k].reshape(-1))
+                            for k, p in enumerate(pred)) / len(pred)
+                on = y[..., 0] != PATCH_CLASSES[0] - 1  # tiles with an object
+                stats["dense_loss"] = dense.item()
+                stats["patch_shape_acc"] = (pred[0].argmax(-1) == y[..., 0])[on].float().mean().item()
+                loss = loss + dense_weight * dense
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+            opt.step()
+            sched.step()
+            if step % log_every == 0 or step == steps - 1:
+                log.append({"step": step, "loss": loss.item(), "clip_loss": clip.item(),
+                            "time_s": time.time() - t0, **stats})
+                bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{stats.get('patch_shape_acc', 0):.2f}")
+        model.eval()
+        save_micro_clip_towers(model, tmp)
+        recipe = dict(init=str(clip_dir), steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      warmup=warmup, dense_weight=dense_weight, crop_fraction=crop_fraction, seed=seed)
         (tmp / "train_log.json").write_text(json.dumps({"recipe": recipe, "log": log}, indent=1))
     return out_dir
 
