@@ -32,8 +32,17 @@ def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
         assert record["micro_sd_parallel_with_stages_1_2"] is True
         # stages 1-2 on one thread beside it, stage 3 as 2 data-parallel processes (accelerate launch)
         assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
-    assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2",
-                                      "stage3", "release"}
+    assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-clip-dense", "micro-sd", "shards", "stage1",
+                                      "stage2", "stage3", "release"}
+    # micro-CLIP's second phase: the vision tower stages 1-3 read and the release ships
+    assert json.loads((smoke_run / "clip-dense" / "train_log.json").read_text())["recipe"]["steps"] == 2
+    stage1 = yaml.safe_load((smoke_run / "stage1" / "recipe.yaml").read_text())
+    assert stage1["model"]["vision_init"] == str(smoke_run / "clip-dense" / "vision")
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(smoke_run / "release" / "clip" / "model.safetensors"))
+    dense = load_file(str(smoke_run / "clip-dense" / "clip" / "model.safetensors"))
+    assert shipped.keys() == dense.keys() and all(torch.equal(shipped[k], dense[k].half()) for k in dense)
     # micro-SD is three runs, each continuing from the U-Net of the one before
     runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"]
             for name in ("sd-phase1", "sd-phase2", "sd")]
@@ -81,6 +90,7 @@ def test_train_all_on_given_standins_trains_only_stages_1_to_3(smoke_run, tmp_pa
     assert record["standins"] == str(shipped.resolve())
     assert record["seconds"]["micro-clip"] == 0.0 and record["seconds"]["micro-sd"] == 0.0
     assert not (out / "sd-phase1").exists()
+    assert not (out / "clip-dense").exists() and "micro-clip-dense" not in record["seconds"]  # used as given
     clip = CLIPModel.from_pretrained(shipped / "clip")
     vision = CLIPVisionModel.from_pretrained(out / "clip" / "vision")
     assert vision.dtype == torch.float32
@@ -146,25 +156,27 @@ def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
     assert default["attention_head_dim"] == SMOKE.sd_attention_heads == 4
 
 
-def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path):
-    """A run folder written before a Budget field existed (here ``sd_attention_heads``, whose
-    value before was 32) is resumed by a budget whose field has the value it had before
-    (nothing retrained), and refused by the default one: the record says what its run was
-    trained with."""
+@pytest.mark.parametrize("field, before", [("sd_attention_heads", 32), ("clip_dense_steps", 0)])
+def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path, field, before):
+    """A run folder written before a Budget field existed (``sd_attention_heads``, whose value
+    before was 32; ``clip_dense_steps``, 0) is resumed by a budget whose field has the value it
+    had before (nothing retrained), and refused by the default one: the record says what its
+    run was trained with."""
     import shutil
 
-    from kosmos_g.micro.train_all import SMOKE, train_all
+    from kosmos_g.micro.train_all import BEFORE_FIELDS, SMOKE, train_all
 
+    assert BEFORE_FIELDS[field] == before
     out = tmp_path / "run"
     shutil.copytree(smoke_run, out, symlinks=True)
     record = json.loads((out / "train_all.json").read_text())
-    del record["budget"]["sd_attention_heads"]
+    del record["budget"][field]
     (out / "train_all.json").write_text(json.dumps(record))
     weights = out / "release" / "kosmos-g" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    train_all(out, budget=replace(SMOKE, sd_attention_heads=32), progress=False)
+    train_all(out, budget=replace(SMOKE, **{field: before}), progress=False)
     assert weights.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match=r"differing: \['sd_attention_heads'\]"):
+    with pytest.raises(ValueError, match=rf"differing: \['{field}'\]"):
         train_all(out, smoke=True, progress=False)
 
 
