@@ -1038,12 +1038,24 @@ REMOVED_SD_ARGS = {"cond_noise": 0.0, "position_word_mix": 0.0}
 removed in session 27), at their "off" value: a partial run saved with them so still resumes."""
 
 
+def without_removed(settings: dict[str, Any], removed: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a saved recipe or budget) less the options in ``removed`` that hold the value
+    that left them off: what the record means to today's code. An option that was on stays, so the
+    caller's comparison refuses the record by its name.
+
+    Example:
+        >>> without_removed({"steps": 3, "cond_noise": 0.0}, REMOVED_SD_ARGS)
+        {'steps': 3}
+    """
+    return {k: v for k, v in settings.items() if not (k in removed and v == removed[k])}
+
+
 def _load_sd_partial(path: Path, recipe: dict[str, Any], *, unet, ema, opt, sched,
                      rng: np.random.Generator) -> tuple[int, float, list[dict[str, float]]]:
     """Restore what :func:`_save_sd_partial` wrote into the fresh objects; returns
     ``(step, elapsed seconds, log)``. A state from other arguments is refused, not mixed in."""
     state = torch.load(path, weights_only=True)
-    saved = {k: v for k, v in state["recipe"].items() if not (k in REMOVED_SD_ARGS and v == REMOVED_SD_ARGS[k])}
+    saved = without_removed(state["recipe"], REMOVED_SD_ARGS)
     if saved != recipe:
         diff = sorted(k for k in recipe.keys() | saved.keys() if recipe.get(k) != saved.get(k))
         raise ValueError(f"{path} holds a partial micro-SD run with other arguments (differing: {diff}); "

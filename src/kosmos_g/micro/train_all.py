@@ -452,7 +452,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
 
     from ..kernels import resolve_precision
     from ..tokenizer import FairseqTokenizer  # noqa: F401  (fail early if sentencepiece is missing)
-    from .standins import refine_micro_clip_vision, train_micro_clip
+    from .standins import refine_micro_clip_vision, train_micro_clip, without_removed
     from .tokenizers import build_spm_tokenizer
 
     started = time.time()
@@ -473,7 +473,7 @@ def train_all(out: str | os.PathLike, *, smoke: bool = False, progress: bool = T
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     if "budget" in record:
         wanted = json.loads(json.dumps(asdict(budget)))  # tuples as JSON lists, like the record's
-        had = {k: v for k, v in record["budget"].items() if not (k in REMOVED_FIELDS and v == REMOVED_FIELDS[k])}
+        had = without_removed(record["budget"], REMOVED_FIELDS)
         differing = sorted(k for k in wanted.keys() | had.keys() if wanted.get(k) != had.get(k, BEFORE_FIELDS.get(k)))
         gone = [k for k in differing if k in REMOVED_FIELDS]
         if gone:
