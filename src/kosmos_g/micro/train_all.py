@@ -108,9 +108,10 @@ class Budget:
 FULL = Budget()
 """The shipped recipe (session 17; micro-SD's U-Net with 4 attention heads since session 26)."""
 
-SMOKE = Budget(clip_steps=3, clip_batch=8, clip_dense_steps=2, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1), stage1_steps=2,
-               stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8, stage1_entities=8,
-               stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8, per_shard=8)
+SMOKE = Budget(clip_steps=3, clip_batch=8, clip_dense_steps=2, sd_steps=3, sd_batch=4, sd_continue_steps=(2, 1),
+               stage1_steps=2, stage2_steps=2, stage3_steps=2, stage_batch=4, stage1_captions=16, stage1_texts=8,
+               stage1_entities=8, stage2_texts=16, stage3_captions=8, stage3_edits=8, stage3_compositional=8,
+               per_shard=8)
 
 BEFORE_FIELDS = {"sd_attention_heads": 32, "clip_dense_steps": 0}
 """What train-all did before each of these Budget fields existed: a run folder whose record
