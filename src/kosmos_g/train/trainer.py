@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import StreamLoader, counters, to_device
 from .recipe import Recipe
+from .schedules import warmup_decay
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +76,6 @@ def _has_accelerator() -> bool:
 
 def _step_seed(seed: int, *parts: int) -> int:
     return int(np.random.default_rng([seed & 0xFFFFFFFF, *parts]).integers(0, 2 ** 62))
-
-
-def linear_warmup_decay(warmup: int, total: int, schedule: str = "linear"):
-    """LR multiplier: 0 -> 1 over ``warmup`` steps, then linearly to 0 at ``total`` (or constant)."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return step / warmup
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
 
 
 class Trainer:
@@ -134,8 +122,8 @@ class Trainer:
                 p.is_floating_point() and acc.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
                                            eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_warmup_decay(opt.warmup_steps, recipe.train.max_steps, opt.schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_decay(
+            opt.warmup_steps, recipe.train.max_steps, opt.schedule, warmup_from_zero=True))
         if acc.distributed_type == DistributedType.DEEPSPEED:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
