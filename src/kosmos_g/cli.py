@@ -13,6 +13,10 @@ import importlib
 import os
 import sys
 
+from .errors import CLIError
+
+__all__ = ["CLIError", "build_parser", "main"]
+
 # Subcommand modules, in the order `kosmos-g --help` lists them.
 COMMAND_MODULES = (
     "kosmos_g.commands.generate",
@@ -20,10 +24,6 @@ COMMAND_MODULES = (
     "kosmos_g.commands.train",
     "kosmos_g.commands.micro",
 )
-
-
-class CLIError(Exception):
-    """An error whose message is the whole story (printed without a traceback)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +74,4 @@ def _one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy, so that subcommands raising
-    # kosmos_g.cli.CLIError are caught by the same class.
-    from kosmos_g.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())
