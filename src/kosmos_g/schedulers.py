@@ -1,6 +1,7 @@
 """The sampler names the pipeline and the CLI accept (no diffusers import, so the CLI's
 parser stays cheap); :func:`kosmos_g.pipeline.make_scheduler` turns one into a diffusers
-scheduler built from an SD folder's scheduler config."""
+scheduler built from an SD folder's scheduler config. Which one a model samples with by
+default is its folder's :class:`kosmos_g.generation_config.GenerationConfig`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ SCHEDULERS = {
 }
 _SCHEDULER_ALIASES = {"pnpm": "pndm", "dpm": "dpm++", "dpmsolver++": "dpm++", "dpm-solver++": "dpm++",
                       "euler_a": "euler-a", "euler-ancestral": "euler-a"}
-DEFAULT_SCHEDULER = "dpm++"
 
 
 def scheduler_name(name: str) -> str:
@@ -26,4 +26,4 @@ def scheduler_name(name: str) -> str:
     return key
 
 
-__all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "scheduler_name"]
+__all__ = ["SCHEDULERS", "scheduler_name"]
