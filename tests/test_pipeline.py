@@ -7,6 +7,8 @@ compare against diffusers' own pipelines loaded from the same folder.
 
 from __future__ import annotations
 
+import json
+import shutil
 from importlib.resources import files
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kosmos_g.generation_config import GenerationConfig
 from kosmos_g.pipeline import SCHEDULERS, KosmosGPipeline, as_batch, kosmos_g_prompt_embeds
 
 STEPS = 3
@@ -124,7 +127,7 @@ def test_embeds_helper_drives_any_diffusers_pipeline(pipe, reference, tiny_kosmo
                                      device=ref.device, dtype=ref.unet.dtype)
     theirs = ref(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=STEPS, generator=_gen(),
                  output_type="np").images
-    ours = pipe("<i> on the beach", images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
+    ours = pipe("<i> on the beach", prompt_images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
                 output_type="np").images
     assert np.abs(theirs - ours).max() < 1e-5
 
@@ -159,7 +162,7 @@ def test_encoder_runs_once_per_call(tiny_kosmos_dir, tiny_sd_dir, pics, monkeypa
     assert len(calls) == 2  # the first call also encodes the null condition, once for good
     for kw in [dict(negative_prompt="blurry"), dict(), dict(guidance_scale=1.0)]:
         calls.clear()
-        pipe(["<i> wearing <i>", "a cat next to <i>"], images=[[pics["dog"], pics["hat"]], [pics["dog"]]],
+        pipe(["<i> wearing <i>", "a cat next to <i>"], prompt_images=[[pics["dog"], pics["hat"]], [pics["dog"]]],
              num_images_per_prompt=3, num_inference_steps=4, output_type="np", **kw)
         assert len(calls) == 1, kw
 
@@ -186,7 +189,7 @@ def test_null_condition_is_encoded_once_per_model_state(tiny_kosmos_dir, tiny_sd
 def test_cached_embeddings_skip_the_encoder(pipe, pics, monkeypatch):
     pe, npe = pipe.encode_prompt("<i> in the snow", [pics["dog"]])
     assert pe.dtype == npe.dtype == pipe.unet.dtype and pe.shape == npe.shape == (1, 77, 32)
-    direct = pipe("<i> in the snow", images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
+    direct = pipe("<i> in the snow", prompt_images=[pics["dog"]], num_inference_steps=STEPS, generator=_gen(),
                   output_type="np").images
     monkeypatch.setattr(pipe.kosmos_g, "encode", lambda *a, **k: pytest.fail("encoder ran"))
     cached = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=STEPS, generator=_gen(),
@@ -215,10 +218,100 @@ def test_encode_prompt_repeats_per_image(pipe):
     assert npe1 is None and pe1.shape == (1, 77, 32)
 
 
+# ----------------------------------------------------------------------------- names
+
+def test_prompt_images_are_named_apart_from_the_init_image(pipe, pics):
+    """`prompt_images=` fill the `<i>` placeholders, `image=` is diffusers' img2img / inpainting
+    picture; the old `images=` is refused with the new name, not handed on to diffusers."""
+    kw = dict(num_inference_steps=2, output_type="np")
+    with pytest.raises(TypeError, match="`prompt_images=`"):
+        pipe("<i> on grass", images=[pics["dog"]], **kw)
+    with pytest.raises(TypeError, match="`negative_prompt_images=`"):
+        pipe("a dog", negative_prompt="<i>", negative_images=[pics["hat"]], **kw)
+    with pytest.raises(TypeError, match="`prompt_images=`"):
+        pipe.encode_prompt("<i> on grass", images=[pics["dog"]])
+    with pytest.raises(TypeError, match="`prompt_images=`"):
+        kosmos_g_prompt_embeds(pipe.kosmos_g, pipe.processor, "<i> on grass", images=[pics["dog"]])
+    pe, _ = pipe.encode_prompt("<i> on grass", prompt_images=[pics["dog"]])
+    with pytest.raises(ValueError, match="`prompt_images` belong to `prompt`"):
+        pipe(prompt_embeds=pe, prompt_images=[pics["dog"]], **kw)
+    _, null = pipe.encode_prompt("a dog")
+    _, negative = pipe.encode_prompt("a dog", negative_prompt="<i>", negative_prompt_images=[pics["hat"]])
+    assert (negative - null).abs().max() > 1e-4
+
+
+def test_top_level_exports():
+    import kosmos_g
+
+    assert kosmos_g.KosmosGPipeline is KosmosGPipeline
+    assert kosmos_g.kosmos_g_prompt_embeds is kosmos_g_prompt_embeds
+    assert kosmos_g.GenerationConfig is GenerationConfig
+    assert {"KosmosGPipeline", "kosmos_g_prompt_embeds", "GenerationConfig"} <= set(kosmos_g.__all__)
+
+
+# ----------------------------------------------------------------------------- generation config
+
+def test_generation_config_round_trip(tmp_path):
+    assert GenerationConfig.from_pretrained(tmp_path) == GenerationConfig()  # no file: the defaults
+    config = GenerationConfig(num_inference_steps=14, guidance_scale=3, scheduler="DPM-Solver++")
+    assert config.scheduler == "dpm++" and isinstance(config.guidance_scale, float)
+    path = config.save_pretrained(tmp_path)
+    assert path == tmp_path / "generation_config.json"
+    assert json.loads(path.read_text()) == {"num_inference_steps": 14, "guidance_scale": 3.0, "scheduler": "dpm++"}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written atomically, no temporary left
+    assert GenerationConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(NotADirectoryError, match="Model folder not found"):
+        GenerationConfig.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{not json", "is not valid JSON"),
+    ("[14]", "must hold a JSON object"),
+    ('{"steps": 14}', "unknown key(s) ['steps']"),
+    ('{"num_inference_steps": 0}', "num_inference_steps must be an integer >= 1, got 0"),
+    ('{"num_inference_steps": 2.5}', "got 2.5"),
+    ('{"guidance_scale": -1}', "guidance_scale must be a number >= 0, got -1"),
+    ('{"scheduler": "heun-9000"}', "Unknown scheduler 'heun-9000'"),
+])
+def test_generation_config_bad_files_name_the_file_and_value(tmp_path, text, expected):
+    path = tmp_path / "generation_config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        GenerationConfig.from_pretrained(tmp_path)
+    assert str(path) in str(error.value) and expected in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def configured_kosmos_dir(tiny_kosmos_dir, tmp_path_factory):
+    """The tiny Kosmos-G folder with its own sampling defaults: 2 euler-a steps without guidance."""
+    path = tmp_path_factory.mktemp("configured") / "kosmos-g"
+    shutil.copytree(tiny_kosmos_dir, path)
+    GenerationConfig(num_inference_steps=2, guidance_scale=1.0, scheduler="euler-a").save_pretrained(path)
+    return path
+
+
+def test_model_folder_sets_the_sampling_defaults(configured_kosmos_dir, tiny_sd_dir):
+    pipe = _load(configured_kosmos_dir, tiny_sd_dir)
+    assert pipe.generation_config == GenerationConfig(num_inference_steps=2, guidance_scale=1.0, scheduler="euler-a")
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    calls, handle = _count_unet(pipe)
+    try:
+        default = pipe("a dog", generator=_gen(), output_type="np").images
+        assert calls == [1, 1]  # the folder's 2 steps, and guidance 1: no unconditional branch
+        calls.clear()
+        pipe("a dog", num_inference_steps=3, guidance_scale=7.5, generator=_gen(), output_type="np")
+        assert calls == [2, 2, 2]  # the call's own values win
+    finally:
+        handle.remove()
+    explicit = pipe("a dog", num_inference_steps=2, guidance_scale=1.0, generator=_gen(), output_type="np").images
+    np.testing.assert_array_equal(default, explicit)
+    assert type(_load(configured_kosmos_dir, tiny_sd_dir, scheduler="ddim").scheduler).__name__ == "DDIMScheduler"
+
+
 # ----------------------------------------------------------------------------- prompts
 
 def test_deterministic_for_a_seed(pipe, pics):
-    run = lambda seed: pipe("<i> wearing <i>", images=[pics["dog"], pics["hat"]], num_inference_steps=STEPS,
+    run = lambda seed: pipe("<i> wearing <i>", prompt_images=[pics["dog"], pics["hat"]], num_inference_steps=STEPS,
                             generator=_gen(seed), output_type="np").images
     a, b, c = run(7), run(7), run(8)
     np.testing.assert_array_equal(a, b)
@@ -234,11 +327,11 @@ def test_list_form_equals_placeholder_form(pipe, pics):
 def test_batch_with_different_image_counts(pipe, pics):
     prompts = ["<i> on the grass", "a cat wearing <i> next to <i>", "a plain red square"]
     images = [[pics["dog"]], [pics["hat"], pics["dog"]], []]
-    batch = pipe(prompts, images=images, num_inference_steps=STEPS, output_type="np",
+    batch = pipe(prompts, prompt_images=images, num_inference_steps=STEPS, output_type="np",
                  generator=[_gen(k) for k in range(3)]).images
     assert batch.shape == (3, 32, 32, 3)
     for k, (p, ims) in enumerate(zip(prompts, images)):
-        alone = pipe(p, images=ims, num_inference_steps=STEPS, generator=_gen(k), output_type="np").images
+        alone = pipe(p, prompt_images=ims, num_inference_steps=STEPS, generator=_gen(k), output_type="np").images
         assert np.abs(alone[0] - batch[k]).max() < 1e-4  # padding does not leak between prompts
 
 
@@ -247,8 +340,10 @@ def test_as_batch_forms():
     assert as_batch(["a", "b"]) == [("a", None), ("b", None)]
     assert as_batch(None, batch_size=2) == [(None, None), (None, None)]
     assert as_batch("neg", batch_size=2) == [("neg", None), ("neg", None)]
-    with pytest.raises(ValueError, match="one list of images per prompt"):
+    with pytest.raises(ValueError, match="pass `prompt_images` as one list of images per prompt"):
         as_batch(["<i> a", "<i> b"], ["x.png", "y.png"])
+    with pytest.raises(ValueError, match="negative_prompt_images given without a negative_prompt"):
+        as_batch(None, ["x.png"], name="negative_prompt")
     with pytest.raises(ValueError, match="2 negative_prompts for 3 prompts"):
         as_batch(["n1", "n2"], name="negative_prompt", batch_size=3)
 
@@ -262,10 +357,10 @@ def _vae_roundtrip(pipe, image: Image.Image) -> np.ndarray:
 
 
 def test_instruction_editing_prompt_runs_text2img_and_img2img(pipe, pics):
-    edit = pipe("<i> make it snowy", images=[pics["init"]], num_inference_steps=STEPS, generator=_gen(),
+    edit = pipe("<i> make it snowy", prompt_images=[pics["init"]], num_inference_steps=STEPS, generator=_gen(),
                 output_type="np").images
     assert edit.shape == (1, 32, 32, 3)
-    run = lambda strength: pipe("<i> make it snowy", images=[pics["init"]], image=pics["init"],
+    run = lambda strength: pipe("<i> make it snowy", prompt_images=[pics["init"]], image=pics["init"],
                                 strength=strength, num_inference_steps=4, generator=_gen(),
                                 output_type="np").images[0]
     kept, redrawn = run(0.25), run(1.0)
@@ -275,7 +370,7 @@ def test_instruction_editing_prompt_runs_text2img_and_img2img(pipe, pics):
 
 
 def test_inpainting_keeps_unmasked_pixels_closer(pipe, pics):
-    out = pipe("<i> in the hole", images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
+    out = pipe("<i> in the hole", prompt_images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
                num_inference_steps=4, generator=_gen(), output_type="np").images[0]
     assert out.shape == (32, 32, 3)
     recon = _vae_roundtrip(pipe, pics["init"])
@@ -288,15 +383,15 @@ def test_inpainting_keeps_unmasked_pixels_closer(pipe, pics):
 def test_several_controlnets(tiny_kosmos_dir, tiny_sd_dir, controlnet_dir, pics):
     pipe = _load(tiny_kosmos_dir, tiny_sd_dir, controlnet=[controlnet_dir, controlnet_dir])
     kw = dict(num_inference_steps=STEPS, output_type="np")
-    both = pipe("<i> on grass", images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
+    both = pipe("<i> on grass", prompt_images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
                 controlnet_conditioning_scale=[0.5, 0.5], generator=_gen(), **kw).images
-    one = pipe("<i> on grass", images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
+    one = pipe("<i> on grass", prompt_images=[pics["dog"]], control_image=[pics["ctrl"], pics["init"]],
                controlnet_conditioning_scale=[0.5, 0.0], generator=_gen(), **kw).images
     assert both.shape == (1, 32, 32, 3) and np.abs(both - one).max() > 1e-4
     # img2img and inpainting with ControlNet use diffusers' ControlNet variants.
-    assert pipe("<i> x", images=[pics["dog"]], image=pics["init"], control_image=[pics["ctrl"]] * 2,
+    assert pipe("<i> x", prompt_images=[pics["dog"]], image=pics["init"], control_image=[pics["ctrl"]] * 2,
                 **kw).images.shape == (1, 32, 32, 3)
-    assert pipe("<i> x", images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
+    assert pipe("<i> x", prompt_images=[pics["dog"]], image=pics["init"], mask_image=pics["mask"],
                 control_image=[pics["ctrl"]] * 2, **kw).images.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="pass `control_image="):
         pipe("a dog", **kw)
@@ -345,6 +440,7 @@ def test_schedulers_by_name_and_instance(tiny_kosmos_dir, tiny_sd_dir):
     import diffusers
 
     pipe = _load(tiny_kosmos_dir, tiny_sd_dir)
+    assert pipe.generation_config == GenerationConfig()  # a folder without generation_config.json
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the official default
     for name in ["ddim", "pnpm", "pndm", "euler", "euler-a", "unipc", "dpm++"]:
         pipe.scheduler = name
@@ -408,7 +504,7 @@ def test_condition_width_must_match_unet(tiny_kosmos_dir, tmp_path):
 def test_bad_call_arguments(pipe, pics):
     kw = dict(num_inference_steps=2, output_type="np")
     with pytest.raises(ValueError, match="placeholder"):
-        pipe("<i> and <i>", images=[pics["dog"]], **kw)
+        pipe("<i> and <i>", prompt_images=[pics["dog"]], **kw)
     with pytest.raises(ValueError, match="no ControlNet is loaded"):
         pipe("a dog", control_image=pics["ctrl"], **kw)
     with pytest.raises(ValueError, match="strength not supported for text2img"):

@@ -4,6 +4,11 @@ Interleaved text + image prompts -> a multimodal LLM -> AlignerNet -> a 77x768
 condition that any Stable-Diffusion-1.5-family diffusers pipeline accepts in place of
 CLIP's text embedding.
 
+Example:
+    >>> from kosmos_g import KosmosGPipeline
+    >>> pipe = KosmosGPipeline.from_pretrained("ckpt/kosmos-g", "ckpt/sd-v1-5")  # doctest: +SKIP
+    >>> pipe("<i> wearing <i>", prompt_images=["dog.png", "hat.png"]).images[0]  # doctest: +SKIP
+
 Names are imported lazily, so ``kosmos-g --help`` does not pay for torch/transformers.
 """
 
@@ -20,6 +25,8 @@ _EXPORTS = {
     "list_presets": "config",
     "KosmosG": "models", "build_model": "models",
     "KosmosGProcessor": "processing", "load_image": "processing",
+    "KosmosGPipeline": "pipeline", "kosmos_g_prompt_embeds": "pipeline",
+    "GenerationConfig": "generation_config",
     "FairseqTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
 }
 

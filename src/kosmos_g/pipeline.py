@@ -26,17 +26,23 @@ Two diffusers 0.42 behaviours shape the code below:
   classifier-free guidance: no negative condition is computed and the U-Net batch is
   not doubled.
 
+Prompt images are ``prompt_images=`` (``negative_prompt_images=`` for the negative
+prompt), apart from diffusers' ``image=`` / ``mask_image=``, the picture that img2img and
+inpainting start from. Steps, guidance and scheduler default to the Kosmos-G folder's
+``generation_config.json`` (:class:`~kosmos_g.generation_config.GenerationConfig`).
+
 Example:
-    >>> from kosmos_g.pipeline import KosmosGPipeline
+    >>> from kosmos_g import KosmosGPipeline
     >>> pipe = KosmosGPipeline.from_pretrained("ckpt/kosmos-g", "ckpt/sd-v1-5",
     ...                                        dtype="fp16", device="cuda")  # doctest: +SKIP
-    >>> image = pipe("<i> wearing <i>", images=["dog.png", "hat.png"],
+    >>> image = pipe("<i> wearing <i>", prompt_images=["dog.png", "hat.png"],
     ...              generator=torch.Generator("cuda").manual_seed(0)).images[0]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -47,10 +53,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .generation_config import GenerationConfig
 from .kernels import use_matmul_attention_if_small
 from .models import KosmosG, resolve_dtype
-from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
+from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt, load_image
+from .schedulers import SCHEDULERS, scheduler_name
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,26 @@ def make_scheduler(scheduler: str | Any, config: dict[str, Any]):
 
 # ----------------------------------------------------------------------------- prompts
 
+PromptImages = Sequence[ImageLike] | Sequence[Sequence[ImageLike]]
+"""One prompt's images (filling its ``<i>`` in order), or for a batch one list per prompt."""
+
+_RENAMED = {"images": "prompt_images", "negative_images": "negative_prompt_images"}
+
+
+def _refuses_old_image_names(fn: Callable) -> Callable:
+    """Refuse ``images=`` / ``negative_images=`` with their names: ``images=`` next to diffusers'
+    ``image=`` (the img2img picture) was easy to mix up, and ``__call__`` would otherwise hand it
+    on to diffusers through ``**kwargs``."""
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for old, new in _RENAMED.items():
+            if old in kwargs:
+                raise TypeError(f"{fn.__qualname__}() got `{old}=`; pass the prompt's images as `{new}=` "
+                                "(`image=` is the picture img2img and inpainting start from).")
+        return fn(*args, **kwargs)
+    return checked
+
+
 def _is_single_prompt(prompt: Any) -> bool:
     # A string, or a list-form prompt (a list holding at least one image). A list of
     # only strings / lists is a batch.
@@ -96,37 +123,37 @@ def _is_single_prompt(prompt: Any) -> bool:
         isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in prompt))
 
 
-def as_batch(prompt: Prompt | Sequence[Prompt], images: Any = None, *, name: str = "prompt",
+def as_batch(prompt: Prompt | Sequence[Prompt], prompt_images: Any = None, *, name: str = "prompt",
              batch_size: int | None = None) -> list[tuple[Prompt | None, list[ImageLike] | None]]:
     """Normalise one prompt or a batch to ``[(prompt, images), ...]``.
 
-    ``"<i> wearing <i>"`` + ``images=[dog, hat]`` and ``["A photo of", dog]`` are one
-    prompt each; ``["<i> on grass", "a cat"]`` + ``images=[[dog], []]`` is a batch. With
-    ``batch_size``, a single prompt is repeated to that size (negative prompts).
+    ``"<i> wearing <i>"`` + ``prompt_images=[dog, hat]`` and ``["A photo of", dog]`` are one
+    prompt each; ``["<i> on grass", "a cat"]`` + ``prompt_images=[[dog], []]`` is a batch.
+    With ``batch_size``, a single prompt is repeated to that size (negative prompts).
 
     Example:
         >>> as_batch(["<i> on grass", "a cat"], [["dog.png"], []])
         [('<i> on grass', ['dog.png']), ('a cat', [])]
     """
     if prompt is None:
-        if images:
+        if prompt_images:
             raise ValueError(f"{name}_images given without a {name}.")
         return [(None, None)] * (batch_size or 1)
     if _is_single_prompt(prompt):
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]  # one image for a one-placeholder prompt
-        pairs = [(prompt, list(images) if images is not None else None)]
+        if prompt_images is not None and not isinstance(prompt_images, (list, tuple)):
+            prompt_images = [prompt_images]  # one image for a one-placeholder prompt
+        pairs = [(prompt, list(prompt_images) if prompt_images is not None else None)]
         return pairs * batch_size if batch_size else pairs
     prompts = list(prompt)
     if not prompts:
         raise ValueError(f"Empty batch: `{name}` is an empty list.")
-    if images is None:
+    if prompt_images is None:
         per_prompt: list[Any] = [None] * len(prompts)
     else:
-        per_prompt = list(images)
+        per_prompt = list(prompt_images)
         if len(per_prompt) != len(prompts) or any(not isinstance(im, (list, tuple)) for im in per_prompt):
             raise ValueError(
-                f"For a batch of {len(prompts)} prompts, pass `{name.replace('prompt', 'images')}` "
+                f"For a batch of {len(prompts)} prompts, pass `{name}_images` "
                 "as one list of images per prompt (an empty list for a text-only prompt)."
             )
         per_prompt = [list(im) for im in per_prompt]
@@ -184,13 +211,14 @@ def _encode_prompts(model: KosmosG, processor: KosmosGProcessor, pairs: list, ne
     return cond[:B], negative, null
 
 
+@_refuses_old_image_names
 def kosmos_g_prompt_embeds(
     model: KosmosG,
     processor: KosmosGProcessor,
     prompt: Prompt | Sequence[Prompt],
-    images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+    prompt_images: PromptImages | None = None,
     negative_prompt: Prompt | Sequence[Prompt] | None = None,
-    negative_images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+    negative_prompt_images: PromptImages | None = None,
     *,
     num_images_per_prompt: int = 1,
     do_classifier_free_guidance: bool = True,
@@ -206,12 +234,12 @@ def kosmos_g_prompt_embeds(
 
     Example:
         >>> from diffusers import StableDiffusionControlNetPipeline  # doctest: +SKIP
-        >>> pe, npe = kosmos_g_prompt_embeds(model, processor, "<i> on the beach", ["dog.png"],
+        >>> pe, npe = kosmos_g_prompt_embeds(model, processor, "<i> on the beach", prompt_images=["dog.png"],
         ...                                  device=sd.device, dtype=sd.unet.dtype)  # doctest: +SKIP
         >>> sd(prompt_embeds=pe, negative_prompt_embeds=npe, image=canny).images  # doctest: +SKIP
     """
-    pairs = as_batch(prompt, images)
-    negative_pairs = as_batch(negative_prompt, negative_images, name="negative_prompt",
+    pairs = as_batch(prompt, prompt_images)
+    negative_pairs = as_batch(negative_prompt, negative_prompt_images, name="negative_prompt",
                               batch_size=len(pairs)) if do_classifier_free_guidance else None
     pe, npe, _ = _encode_prompts(model, processor, pairs, negative_pairs)
     return _expand(pe, num_images_per_prompt, device, dtype), _expand(npe, num_images_per_prompt, device, dtype)
@@ -258,6 +286,18 @@ def _scaled_lora(unet: torch.nn.Module, scale: float | None) -> Iterator[None]:
             m.scaling.update(s)
 
 
+def _split_lora_scale(lora_scale: float | None, cross_attention_kwargs: dict[str, Any] | None,
+                      ) -> tuple[float | None, dict[str, Any]]:
+    """Take diffusers' spelling of the LoRA scale, ``cross_attention_kwargs["scale"]``, out of the
+    U-Net's kwargs: :func:`_scaled_lora` applies it (diffusers would crash without a text encoder)."""
+    cross_attention_kwargs = dict(cross_attention_kwargs or {})
+    if "scale" in cross_attention_kwargs:
+        if lora_scale is not None:
+            raise ValueError("Give the LoRA scale once: `lora_scale` or cross_attention_kwargs['scale'].")
+        lora_scale = cross_attention_kwargs.pop("scale")
+    return lora_scale, cross_attention_kwargs
+
+
 def _unet_only_lora(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     keep = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder")}
     return keep, len(state_dict) - len(keep)
@@ -302,19 +342,27 @@ class KosmosGPipeline:
     is supported for text-to-image: its samples are the images, in [-1, 1], and
     ``height``/``width`` are pixels.
 
+    ``generation_config`` holds the sampling defaults of a call (steps, guidance) and the
+    scheduler :meth:`from_pretrained` builds when given none; ``from_pretrained`` reads it
+    from the Kosmos-G folder's ``generation_config.json``.
+
     Example:
         >>> pipe = KosmosGPipeline.from_pretrained("ckpt/kosmos-g", "ckpt/sd-v1-5")  # doctest: +SKIP
         >>> pipe(["A photo of", "dog.png", "on the beach"], num_inference_steps=25).images  # doctest: +SKIP
     """
 
     def __init__(self, kosmos_g: KosmosG, processor: KosmosGProcessor, unet: torch.nn.Module,
-                 vae: torch.nn.Module, scheduler: Any, controlnet: Any = None) -> None:
+                 vae: torch.nn.Module, scheduler: Any, controlnet: Any = None, *,
+                 generation_config: GenerationConfig | None = None) -> None:
         D, C = kosmos_g.config.aligner.output_dim, unet.config.cross_attention_dim
         if D != C:
             raise ValueError(
                 f"Kosmos-G's condition is {D}-wide but the U-Net's cross_attention_dim is {C}; "
                 "use an SD1.x U-Net (768) with the official model, or a Kosmos-G aligned to this U-Net."
             )
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise ValueError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}.")
+        self.generation_config = generation_config or GenerationConfig()
         self.kosmos_g = kosmos_g.eval()
         self.processor = processor
         self.unet = unet
@@ -346,14 +394,16 @@ class KosmosGPipeline:
     @classmethod
     def from_pretrained(cls, kosmos_dir: str | os.PathLike, sd_dir: str | os.PathLike, *,
                         controlnet: str | os.PathLike | Sequence[str | os.PathLike] | Any = None,
-                        scheduler: str | Any = DEFAULT_SCHEDULER,
+                        scheduler: str | Any | None = None,
                         dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> "KosmosGPipeline":
         """Load a Kosmos-G folder and the U-Net, VAE and scheduler config of an SD folder.
 
         ``controlnet`` is a diffusers ControlNet folder, a list of them (used together),
         or already-built ``ControlNetModel`` objects. ``scheduler`` is a name from
-        :data:`SCHEDULERS` (built from the SD folder's scheduler config) or an instance.
+        :data:`SCHEDULERS` (built from the SD folder's scheduler config) or an instance;
+        None takes the one in the Kosmos-G folder's ``generation_config.json``, which also
+        becomes :attr:`generation_config` (the defaults when the folder has none).
 
         Example:
             >>> pipe = KosmosGPipeline.from_pretrained(
@@ -376,6 +426,7 @@ class KosmosGPipeline:
                 )
             if not (sd_dir / sub / name).is_file():
                 raise FileNotFoundError(f"SD folder {sd_dir} has {sub}/ but no {sub}/{name}.")
+        generation_config = GenerationConfig.from_pretrained(kosmos_dir)
         dtype = resolve_dtype(dtype)
         kosmos_g = KosmosG.from_pretrained(kosmos_dir, dtype=dtype, device=device)
         processor = KosmosGProcessor.from_pretrained(kosmos_dir)
@@ -384,7 +435,7 @@ class KosmosGPipeline:
         use_matmul_attention_if_small(unet)  # the micro world's 8x8 maps; SD1.5 keeps the fused kernel
         vae = None if pixel_space else AutoencoderKL.from_pretrained(str(sd_dir / "vae"), **load)
         config = json.loads((sd_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-        sched = make_scheduler(scheduler, config)
+        sched = make_scheduler(generation_config.scheduler if scheduler is None else scheduler, config)
         nets = None
         if controlnet is not None:
             nets = []
@@ -395,7 +446,7 @@ class KosmosGPipeline:
                         raise FileNotFoundError(f"ControlNet folder {net} has no config.json.")
                     net = ControlNetModel.from_pretrained(str(net), **load)
                 nets.append(net)
-        pipe = cls(kosmos_g, processor, unet, vae, sched, controlnet=nets)
+        pipe = cls(kosmos_g, processor, unet, vae, sched, controlnet=nets, generation_config=generation_config)
         if device is not None:
             pipe.to(device)
         return pipe
@@ -480,10 +531,11 @@ class KosmosGPipeline:
         """Whether diffusers will run the unconditional branch (as its pipelines decide)."""
         return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
 
+    @_refuses_old_image_names
     def encode_prompt(self, prompt: Prompt | Sequence[Prompt],
-                      images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+                      prompt_images: PromptImages | None = None,
                       negative_prompt: Prompt | Sequence[Prompt] | None = None,
-                      negative_images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+                      negative_prompt_images: PromptImages | None = None,
                       num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The condition of a prompt (batch), ready for the U-Net: ``(prompt_embeds,
@@ -496,8 +548,8 @@ class KosmosGPipeline:
             >>> [pipe(prompt_embeds=pe, negative_prompt_embeds=npe, generator=g) for g in gens]  # doctest: +SKIP
         """
         device = self.device
-        pairs = as_batch(prompt, images)
-        negative_pairs = as_batch(negative_prompt, negative_images, name="negative_prompt",
+        pairs = as_batch(prompt, prompt_images)
+        negative_pairs = as_batch(negative_prompt, negative_prompt_images, name="negative_prompt",
                                   batch_size=len(pairs)) if do_classifier_free_guidance else None
         with self._kosmos_on(device):
             null = self._null_condition() if do_classifier_free_guidance else None
@@ -604,16 +656,17 @@ class KosmosGPipeline:
         self._loras.clear()
 
     # ------------------------------------------------------------------ generation
+    @_refuses_old_image_names
     def __call__(
         self,
         prompt: Prompt | Sequence[Prompt] | None = None,
-        images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+        prompt_images: PromptImages | None = None,
         negative_prompt: Prompt | Sequence[Prompt] | None = None,
-        negative_images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+        negative_prompt_images: PromptImages | None = None,
         *,
         num_images_per_prompt: int = 1,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -633,21 +686,61 @@ class KosmosGPipeline:
     ):
         """Generate images from an interleaved prompt (or a batch of them).
 
-        ``images`` fill the prompt's ``<i>`` placeholders in order (for a batch: one list
-        per prompt). ``image`` (+ ``mask_image``) switch to img2img (inpainting), with
-        ``strength``; ``control_image`` feeds the ControlNet(s). ``lora_scale`` scales all
+        ``prompt_images`` fill the prompt's ``<i>`` placeholders in order (for a batch: one
+        list per prompt), ``negative_prompt_images`` those of ``negative_prompt``. ``image``
+        (+ ``mask_image``) switch to img2img (inpainting), with ``strength``;
+        ``control_image`` feeds the ControlNet(s). ``num_inference_steps`` and
+        ``guidance_scale`` default to :attr:`generation_config`. ``lora_scale`` scales all
         loaded LoRAs for this call. Other keyword arguments (``eta``, ``guidance_rescale``,
         ``control_guidance_start``, ``padding_mask_crop``...) go to the diffusers pipeline.
         Returns diffusers' output (``.images``).
 
         Example:
-            >>> pipe("<i> make it snowy", images=["house.png"], image="house.png", strength=0.7)  # doctest: +SKIP
+            >>> pipe("<i> make it snowy", prompt_images=["house.png"], image="house.png",
+            ...      strength=0.7)  # doctest: +SKIP
         """
-        # 1. Check inputs and pick the diffusers pipeline.
+        # 0. Sampling defaults: the model folder's generation_config.json.
+        if num_inference_steps is None:
+            num_inference_steps = self.generation_config.num_inference_steps
+        if guidance_scale is None:
+            guidance_scale = self.generation_config.guidance_scale
+
+        # 1. Check inputs; they decide the task.
+        task = self._check_inputs(prompt, prompt_images, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                  image, mask_image, control_image)
+
+        # 2. Pick diffusers' pipeline for the task and translate the call into its arguments.
+        pipe = self.diffusers_pipeline(task)
+        lora_scale, cross_attention_kwargs = _split_lora_scale(lora_scale, cross_attention_kwargs)
+        call = self._diffusers_arguments(
+            pipe, task,
+            always=dict(num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, generator=generator, output_type=output_type,
+                        callback_on_step_end=callback_on_step_end,
+                        cross_attention_kwargs=cross_attention_kwargs or None, **kwargs),
+            if_given=dict(height=height, width=width, latents=latents, strength=strength, image=image,
+                          mask_image=mask_image),
+            control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale)
+
+        # 3. Encode the prompt once (the encoder never runs inside the denoising loop).
+        prompt_embeds, negative_prompt_embeds = self._prepare_condition(
+            prompt, prompt_images, negative_prompt, negative_prompt_images, prompt_embeds, negative_prompt_embeds,
+            do_classifier_free_guidance=self.do_classifier_free_guidance(guidance_scale))
+
+        # 4. Denoise and decode: diffusers' own loop, LoRA scaled for this call only.
+        self._activate(pipe)
+        if self.vae is None:
+            return self._pixel_space_call(pipe, prompt_embeds, negative_prompt_embeds, lora_scale, call)
+        with _scaled_lora(self.unet, lora_scale):
+            return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **call)
+
+    def _check_inputs(self, prompt: Any, prompt_images: Any, negative_prompt: Any, prompt_embeds: Any,
+                      negative_prompt_embeds: Any, image: Any, mask_image: Any, control_image: Any) -> str:
+        """Refuse contradicting arguments; returns the task they ask for: "text2img", "img2img" or "inpaint"."""
         if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of `prompt` (with `images`) and `prompt_embeds`.")
-        if prompt_embeds is not None and images is not None:
-            raise ValueError("`images` belong to `prompt`; with `prompt_embeds` they are already encoded.")
+            raise ValueError("Pass exactly one of `prompt` (with `prompt_images`) and `prompt_embeds`.")
+        if prompt_embeds is not None and prompt_images is not None:
+            raise ValueError("`prompt_images` belong to `prompt`; with `prompt_embeds` they are already encoded.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass `negative_prompt` or `negative_prompt_embeds`, not both.")
         if mask_image is not None and image is None:
@@ -661,23 +754,21 @@ class KosmosGPipeline:
         if self.vae is None and (task != "text2img" or self.controlnet is not None):
             raise ValueError(f"This pipeline's U-Net works in pixel space (no VAE): only text-to-image without "
                              f"ControlNet is supported, not {task}{' with ControlNet' if self.controlnet else ''}.")
-        pipe = self.diffusers_pipeline(task)
-        cross_attention_kwargs = dict(cross_attention_kwargs or {})
-        if "scale" in cross_attention_kwargs:  # diffusers' spelling of the LoRA scale
-            if lora_scale is not None:
-                raise ValueError("Give the LoRA scale once: `lora_scale` or cross_attention_kwargs['scale'].")
-            lora_scale = cross_attention_kwargs.pop("scale")
-        call: dict[str, Any] = dict(
-            num_images_per_prompt=num_images_per_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=generator, output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            cross_attention_kwargs=cross_attention_kwargs or None, **kwargs)
-        optional = dict(height=height, width=width, latents=latents, strength=strength, image=image,
-                        mask_image=mask_image)
+        return task
+
+    def _diffusers_arguments(self, pipe: Any, task: str, *, always: dict[str, Any], if_given: dict[str, Any],
+                             control_image: Any, controlnet_conditioning_scale: Any) -> dict[str, Any]:
+        """Keyword arguments for ``pipe`` (diffusers' pipeline for ``task``), all but the condition.
+
+        The ControlNet's image is diffusers' ``image`` in text-to-image and ``control_image``
+        otherwise; image paths are loaded. An argument ``pipe`` does not take is refused by
+        name, never dropped.
+        """
+        call = dict(always)
         if control_image is not None:
-            optional["image" if task == "text2img" else "control_image"] = control_image
+            if_given = {**if_given, "image" if task == "text2img" else "control_image": control_image}
             call["controlnet_conditioning_scale"] = controlnet_conditioning_scale
-        call.update({k: v for k, v in optional.items() if v is not None})
+        call.update({k: v for k, v in if_given.items() if v is not None})
         accepted = inspect.signature(pipe.__call__).parameters
         bad = sorted(k for k in call if k not in accepted)
         if bad:
@@ -686,34 +777,32 @@ class KosmosGPipeline:
                              f"({type(pipe).__name__}).")
         for key in ("image", "mask_image", "control_image"):
             if isinstance(call.get(key), (str, os.PathLike)):
-                from .processing import load_image
                 call[key] = load_image(call[key])
         if isinstance(call.get("image"), list) and task == "text2img":  # several ControlNets
-            from .processing import load_image
             call["image"] = [load_image(im) if isinstance(im, (str, os.PathLike)) else im for im in call["image"]]
+        return call
 
-        # 2. Encode the prompt once (the encoder never runs inside the denoising loop).
-        cfg = self.do_classifier_free_guidance(guidance_scale)
+    def _prepare_condition(self, prompt: Any, prompt_images: Any, negative_prompt: Any, negative_prompt_images: Any,
+                           prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None, *,
+                           do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The call's ``(prompt_embeds, negative_prompt_embeds)`` on the U-Net's device and dtype:
+        the prompt encoded, or the given embeddings with a negative encoded where guidance needs
+        one and none was given. The negative is None without guidance."""
+        cfg = do_classifier_free_guidance
         if prompt_embeds is None:
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt, images, negative_prompt, negative_images, num_images_per_prompt=1,
+                prompt, prompt_images, negative_prompt, negative_prompt_images, num_images_per_prompt=1,
                 do_classifier_free_guidance=cfg)
         elif cfg and negative_prompt_embeds is None:
             # Precomputed prompt, no negative: the official null condition (or the negative text).
-            negative_prompt_embeds = self._negative_only(negative_prompt, negative_images,
+            negative_prompt_embeds = self._negative_only(negative_prompt, negative_prompt_images,
                                                          prompt_embeds.shape[0])
         prompt_embeds = prompt_embeds.to(device=self.device, dtype=self.dtype)
         if cfg and negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device=self.device, dtype=self.dtype)
         else:
             negative_prompt_embeds = None
-
-        # 3. Denoise and decode: diffusers' own loop, LoRA scaled for this call only.
-        self._activate(pipe)
-        if self.vae is None:
-            return self._pixel_space_call(pipe, prompt_embeds, negative_prompt_embeds, lora_scale, call)
-        with _scaled_lora(self.unet, lora_scale):
-            return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **call)
+        return prompt_embeds, negative_prompt_embeds
 
     def _pixel_space_call(self, pipe: Any, prompt_embeds: torch.Tensor, negative_prompt_embeds: Any,
                           lora_scale: float | None, call: dict[str, Any]) -> Any:
@@ -739,9 +828,9 @@ class KosmosGPipeline:
             return samples, None
         return StableDiffusionPipelineOutput(images=samples, nsfw_content_detected=None)
 
-    def _negative_only(self, negative_prompt: Any, negative_images: Any, batch_size: int) -> torch.Tensor:
+    def _negative_only(self, negative_prompt: Any, negative_prompt_images: Any, batch_size: int) -> torch.Tensor:
         """Negative conditions for ``batch_size`` precomputed prompt embeddings."""
-        pairs = as_batch(negative_prompt, negative_images, name="negative_prompt", batch_size=batch_size)
+        pairs = as_batch(negative_prompt, negative_prompt_images, name="negative_prompt", batch_size=batch_size)
         with self._kosmos_on(self.device):
             _, npe, _ = _encode_prompts(self.kosmos_g, self.processor, [], pairs, self._null_condition())
         return npe.to(device=self.device, dtype=self.dtype)
