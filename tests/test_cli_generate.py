@@ -1,10 +1,11 @@
 """`kosmos-g generate` end to end on tiny folders: PNG + JSON sidecars, exact re-runs,
-one-line errors without tracebacks."""
+sampling defaults from the model folder, one-line errors without tracebacks."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.resources import files
@@ -58,9 +59,13 @@ def test_generate_writes_png_and_sidecar_and_reruns_exactly(tiny_args, tmp_path,
     assert rc == 0
     pngs = sorted(out.glob("0000[01]-*-s*.png"))
     assert [p.name for p in pngs] == ["00000-wearing-s3.png", "00001-wearing-s4.png"]
-    assert (out / "00000-wearing-grid.png").is_file()
     assert str(pngs[0]) in stdout
-    assert not list(out.glob(".*tmp"))  # atomic writes leave nothing behind
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # atomic writes leave nothing behind
+    # 32x32 images side by side would be a 64x32 grid: each tile is scaled up 8x, nearest neighbour.
+    grid = _pixels(out / "00000-wearing-grid.png")
+    assert grid.shape == (256, 512, 3)
+    for k, png in enumerate(pngs):
+        np.testing.assert_array_equal(grid[:, 256 * k:256 * (k + 1)], _pixels(png).repeat(8, 0).repeat(8, 1))
     record = json.loads(pngs[1].with_suffix(".json").read_text())
     assert record["image_seed"] == 4 and record["image_index"] == 1
     assert (record["width"], record["height"]) == Image.open(pngs[1]).size == (32, 32)
@@ -118,6 +123,51 @@ def test_controlnet_lora_and_img2img_flags(tiny_args, tiny_sd_dir, tmp_path, cap
     rc, _, _ = _run(["generate", "<i> in the sky", "-i", HAT, *tiny_args, "--init-image", str(scene), "--mask",
                      mask, "--size", "32", "-o", str(tmp_path / "inpaint")], capsys)
     assert rc == 0 and Image.open(next((tmp_path / "inpaint").glob("*.png"))).size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def configured_kosmos_dir(tiny_kosmos_dir, tmp_path_factory):
+    """The tiny Kosmos-G folder with its own sampling defaults (2 DDIM steps, guidance 3)."""
+    from kosmos_g import GenerationConfig
+
+    path = tmp_path_factory.mktemp("configured") / "kosmos-g"
+    shutil.copytree(tiny_kosmos_dir, path)
+    GenerationConfig(num_inference_steps=2, guidance_scale=3.0, scheduler="ddim").save_pretrained(path)
+    return path
+
+
+def test_model_folder_sets_the_defaults_and_the_python_pipeline_agrees(configured_kosmos_dir, tiny_sd_dir,
+                                                                       tmp_path, capsys):
+    from kosmos_g import KosmosGPipeline
+
+    out = tmp_path / "out"
+    rc, _, _ = _run(["generate", "<i> on grass", "-i", DOG, "--model", str(configured_kosmos_dir), "--sd",
+                     str(tiny_sd_dir), "--seed", "5", "--device", "cpu", "-q", "--output-dir", str(out)], capsys)
+    assert rc == 0
+    [png] = out.glob("*.png")
+    settings = json.loads(png.with_suffix(".json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance"], settings["scheduler"]) == (2, 3.0, "ddim")  # the values used
+
+    pipe = KosmosGPipeline.from_pretrained(configured_kosmos_dir, tiny_sd_dir, dtype="fp32", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("<i> on grass", prompt_images=[DOG], generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    np.testing.assert_array_equal(np.asarray(image), _pixels(png))
+
+
+def test_shipped_model_folder_and_the_default_model_give_the_same_image(tmp_path, capsys):
+    from kosmos_g import micro
+
+    star = micro.CHECKPOINTS / "examples" / "purple-dotted-star.png"
+    argv = ["generate", "a large <i> on the left, on a green background", "-i", str(star), "--seed", "1",
+            "--device", "cpu", "-q"]
+    assert _run([*argv, "-o", str(tmp_path / "default")], capsys)[0] == 0
+    assert _run([*argv, "--model", str(micro.CHECKPOINTS / "kosmos-g"), "-o", str(tmp_path / "given")],
+                capsys)[0] == 0
+    [default], [given] = (list((tmp_path / d).glob("*.png")) for d in ("default", "given"))
+    assert default.read_bytes() == given.read_bytes()
+    for png in (default, given):
+        settings = json.loads(png.with_suffix(".json").read_text())["settings"]
+        assert (settings["steps"], settings["guidance"], settings["scheduler"]) == (14, 3.0, "dpm++")
 
 
 def test_random_tiny_runs_without_checkpoints_and_says_so(tmp_path, capsys):
@@ -186,8 +236,9 @@ def test_help_lists_the_options(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--model", "--sd", "--random-tiny", "--controlnet", "--control-image", "--lora", "--from-json",
-                 "--grid", "--size", "--scheduler", "--negative", "--dtype", "--device"]:
+                 "--grid", "--size", "--scheduler", "--negative", "--dtype", "--device", "-o DIR, --output-dir DIR"]:
         assert flag in text
+    assert "default: outputs/" in text and "generation_config.json" in text
 
 
 def test_help_imports_no_heavy_library():

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the fairseq dictionary (dict.txt) released with the checkpoint")
     p.add_argument("--spm", dest="spm_path", required=True, metavar="SPM",
                    help="the SentencePiece model (sentencepiece.bpe.model)")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write (must be new or empty)")
+    p.add_argument("-o", "--output-dir", required=True, metavar="DIR",
+                   help="folder to write (required; must be new or empty unless --overwrite)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="full, unsafe pickle load (can run code from the file); only for a file you trust")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert_official(args.checkpoint, args.dict_path, args.spm_path, args.output,
+    out = convert_official(args.checkpoint, args.dict_path, args.spm_path, args.output_dir,
                            trust_pickle=args.trust_pickle, dtype=args.dtype, config=args.config,
                            overwrite=args.overwrite)
     print(f"Wrote {out}; load it with KosmosG.from_pretrained({str(out)!r}).")

@@ -2,8 +2,10 @@
 
 Every PNG gets a ``.json`` beside it holding every setting and that image's seed;
 ``kosmos-g generate --from-json IMAGE.json`` re-runs it to the same pixels (same
-machine type, device and dtype). Files are written to a temporary name and renamed,
-so a half-written PNG never appears under the final name.
+machine type, device and dtype). Files are written atomically (:mod:`kosmos_g.fileio`),
+so a half-written PNG never appears under the final name. Steps, guidance and scheduler
+default to the model folder's ``generation_config.json``, as in
+:class:`kosmos_g.pipeline.KosmosGPipeline`, and each sidecar records the values used.
 
 Example:
     kosmos-g generate "<i> wearing <i>" -i dog.png -i hat.png --model ckpt/kosmos-g \\
@@ -13,13 +15,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
 import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -28,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import micro
-from ..schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
+from ..fileio import atomic_dir, atomic_file, atomic_write_text
+from ..generation_config import FILENAME as GENERATION_CONFIG, GenerationConfig
+from ..schedulers import SCHEDULERS, scheduler_name
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = micro.CHECKPOINTS / "kosmos-g"
 DEFAULT_SD = micro.CHECKPOINTS / "sd"
+DEFAULT_OUTPUT_DIR = "outputs"
 EXAMPLES_DIR = PACKAGE_DIR / "assets" / "examples"
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5  # SD1.5's usual settings
-MICRO_STEPS, MICRO_GUIDANCE = micro.SAMPLING_STEPS, micro.SAMPLING_GUIDANCE
+MIN_GRID_SIDE = 256  # px: a grid of small images is scaled up (nearest neighbour) to at least this
 RANDOM_TINY_VERSION = "random-tiny-v1"  # bump when make_tiny_* change, to rebuild caches
 SIDECAR_FORMAT = "kosmos-g-generate/1"
 
@@ -54,7 +58,11 @@ that everything runs, without any checkpoint.
 
 @dataclass
 class Settings:
-    """Everything that determines the images; written to each sidecar."""
+    """Everything that determines the images; written to each sidecar.
+
+    ``scheduler``, ``steps`` and ``guidance`` are None until :func:`generate` fills in the
+    model folder's ``generation_config.json``, so a sidecar holds the values used.
+    """
 
     prompt: str
     images: list[str] = field(default_factory=list)
@@ -63,9 +71,9 @@ class Settings:
     model: str | None = None
     sd: str | None = None
     random_tiny: bool = False
-    scheduler: str = DEFAULT_SCHEDULER
-    steps: int = 50
-    guidance: float = 7.5
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
     height: int | None = None
     width: int | None = None
     seed: int = 0
@@ -103,18 +111,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                      help="an SD1.5 LoRA .safetensors file, optional scale (repeat for several)")
     gen = p.add_argument_group("sampling")
+    from_model = f"default: the model folder's {GENERATION_CONFIG}, else"
     gen.add_argument("--steps", type=int, default=None,
-                     help=f"denoising steps (default {DEFAULT_STEPS}; {MICRO_STEPS} with the embedded micro model)")
+                     help=f"denoising steps ({from_model} {GenerationConfig.num_inference_steps})")
     gen.add_argument("--guidance", type=float, default=None,
-                     help=f"classifier-free guidance (default {DEFAULT_GUIDANCE}; {MICRO_GUIDANCE} with the "
-                          "embedded micro model)")
+                     help=f"classifier-free guidance ({from_model} {GenerationConfig.guidance_scale})")
     gen.add_argument("--seed", type=int, help="seed of the first image; image k uses seed+k (default: random)")
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default 1)")
     gen.add_argument("--batch-size", type=int, default=1,
                      help="images per U-Net batch (default 1; larger is faster on GPUs)")
     gen.add_argument("--size", help="WIDTHxHEIGHT or one number, multiples of 8 (default: the U-Net's)")
-    gen.add_argument("--scheduler", default=DEFAULT_SCHEDULER,
-                     help=f"one of {', '.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    gen.add_argument("--scheduler", default=None,
+                     help=f"one of {', '.join(SCHEDULERS)} ({from_model} {GenerationConfig.scheduler})")
     gen.add_argument("--negative", metavar="TEXT", help="negative prompt ('<i>' placeholders allowed)")
     gen.add_argument("--negative-image", dest="negative_images", action="append", default=[], metavar="IMG",
                      help="an image for the negative prompt's next '<i>'")
@@ -128,7 +136,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    run.add_argument("-o", "--output", default="outputs", metavar="OUTDIR", help="output folder (default outputs/)")
+    run.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                     help=f"output folder (default: {DEFAULT_OUTPUT_DIR}/)")
     run.add_argument("--grid", action="store_true", help="also save all images of this run as one grid")
     run.add_argument("--from-json", metavar="SIDECAR", help="re-run the image a sidecar describes")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -187,15 +196,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Validate the command line (before any model loads) into :class:`Settings`."""
     if args.prompt is None:
         raise ValueError("give a PROMPT (or --from-json SIDECAR).")
-    micro = not args.model and not args.random_tiny  # the embedded micro model: its own sampling defaults
-    if args.steps is None:
-        args.steps = MICRO_STEPS if micro else DEFAULT_STEPS
-    if args.guidance is None:
-        args.guidance = MICRO_GUIDANCE if micro else DEFAULT_GUIDANCE
     for name in ("steps", "num_images", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}.")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must be in (0, 1], got {args.strength}.")
@@ -224,7 +228,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         negative=args.negative, negative_images=[str(Path(p).resolve()) for p in args.negative_images],
         model=str(Path(args.model).resolve()) if args.model else None,
         sd=str(Path(args.sd).resolve()) if args.sd else None, random_tiny=args.random_tiny,
-        scheduler=scheduler_name(args.scheduler), steps=args.steps, guidance=args.guidance,
+        scheduler=scheduler_name(args.scheduler) if args.scheduler else None, steps=args.steps,
+        guidance=args.guidance,
         height=height, width=width, seed=seed, num_images=args.num_images, batch_size=args.batch_size,
         controlnet=[str(Path(p).resolve()) for p in args.controlnet],
         control_images=[str(Path(p).resolve()) for p in args.control_images],
@@ -275,16 +280,19 @@ def random_tiny_dirs() -> tuple[Path, Path]:
         root = Path(tempfile.gettempdir()) / "kosmos-g"
         root.mkdir(parents=True, exist_ok=True)
     final = root / RANDOM_TINY_VERSION
-    if not (final / "kosmos-g" / "model.safetensors").is_file() or not (final / "sd" / "unet").is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{RANDOM_TINY_VERSION}-", dir=root))
-        model, _ = make_tiny_kosmos_g(tmp / "kosmos-g")
-        make_tiny_sd(tmp / "sd", cross_attention_dim=model.config.aligner.output_dim)
-        if final.exists():  # an incomplete earlier build
-            shutil.rmtree(final, ignore_errors=True)
+
+    def built() -> bool:
+        return (final / "kosmos-g" / "model.safetensors").is_file() and (final / "sd" / "unet").is_dir()
+
+    if not built():
         try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_dir(final, replace=final.exists()) as tmp:  # replace: an incomplete earlier build
+                model, _ = make_tiny_kosmos_g(tmp / "kosmos-g")
+                make_tiny_sd(tmp / "sd", cross_attention_dim=model.config.aligner.output_dim)
+        except OSError:
+            if not built():
+                raise
+            # another process finished first; its folder is the same
     return final / "kosmos-g", final / "sd"
 
 
@@ -308,6 +316,7 @@ def load_pipeline(s: Settings, quiet: bool = False):
     if s.random_tiny:
         print(f"kosmos-g generate: --random-tiny: the weights are RANDOM (a tiny untrained model in "
               f"{model_dir.parent}); the images will be noise.", file=sys.stderr)
+    # scheduler=None: the model folder's generation_config.json picks it.
     pipe = KosmosGPipeline.from_pretrained(model_dir, sd_dir, controlnet=s.controlnet or None,
                                            scheduler=s.scheduler, dtype=s.dtype, device=s.device)
     if s.loras:
@@ -338,26 +347,34 @@ def _next_index(outdir: Path) -> int:
     return max(used, default=-1) + 1
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_png(path: Path, image: Any) -> None:
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _grid(images: list) -> Any:
+    """The images in a near-square grid; small tiles are scaled up by a whole factor with nearest
+    neighbour (no blur, every pixel stays a sharp square) until the grid's shorter side is at
+    least ``MIN_GRID_SIDE``, so that a grid of 32x32 micro images can be looked at."""
     from PIL import Image
 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
+    scale = max(1, math.ceil(MIN_GRID_SIDE / min(cols * w, rows * h)))
+    w, h = w * scale, h * scale
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for k, im in enumerate(images):
-        grid.paste(im, ((k % cols) * w, (k // cols) * h))
+        grid.paste(im.resize((w, h), Image.Resampling.NEAREST), ((k % cols) * w, (k // cols) * h))
     return grid
+
+
+def _with_sampling_defaults(s: Settings, config: GenerationConfig) -> Settings:
+    """``s`` with the steps, guidance and scheduler it leaves open taken from the model's config."""
+    return dataclasses.replace(
+        s, scheduler=s.scheduler or config.scheduler,
+        steps=config.num_inference_steps if s.steps is None else s.steps,
+        guidance=config.guidance_scale if s.guidance is None else s.guidance)
 
 
 # ----------------------------------------------------------------------------- running
@@ -376,6 +393,7 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
 
     _check_files(s)
     pipe = load_pipeline(s, quiet=quiet)
+    s = _with_sampling_defaults(s, pipe.generation_config)
     cfg = pipe.do_classifier_free_guidance(s.guidance)
     # The condition is computed once and reused by every batch below.
     prompt_embeds, negative_embeds = pipe.encode_prompt(
@@ -429,15 +447,14 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
                 "width": image.size[0], "height": image.size[1], "settings": asdict(s),
                 "input_sha256": hashes,
             }
-            _write_atomic(png, lambda tmp, im=image: im.save(tmp, format="PNG"))
-            _write_atomic(png.with_suffix(".json"),
-                          lambda tmp, r=record: tmp.write_text(json.dumps(r, indent=2) + "\n", encoding="utf-8"))
+            _write_png(png, image)
+            atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
             written.append(png)
             images.append(image)
             print(png)
     if grid and len(images) > 1:
         path = outdir / f"{index - len(images):05d}-{slug}-grid.png"
-        _write_atomic(path, lambda tmp: _grid(images).save(tmp, format="PNG"))
+        _write_png(path, _grid(images))
         print(path)
     return written
 
@@ -469,8 +486,8 @@ def main(args: argparse.Namespace) -> int:
             s.device = args.device
         if args.dtype:
             s.dtype = args.dtype
-        generate(s, Path(args.output), only_index=index, quiet=args.quiet)
+        generate(s, Path(args.output_dir), only_index=index, quiet=args.quiet)
         return 0
     s = settings_from_args(args)
-    generate(s, Path(args.output), grid=args.grid, quiet=args.quiet)
+    generate(s, Path(args.output_dir), grid=args.grid, quiet=args.quiet)
     return 0

@@ -2,7 +2,7 @@
 
 The same command runs on one CPU and under ``accelerate launch`` (DDP, FSDP, DeepSpeed):
 
-    kosmos-g train stage2 --config tiny-stage2 train.output_dir=runs/s2
+    kosmos-g train stage2 --config tiny-stage2 -o runs/s2
     accelerate launch --num_processes 8 -m kosmos_g.cli train stage3 --config my-stage3.yaml
 """
 
@@ -14,6 +14,9 @@ import json
 
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="recipe YAML path, or a packaged recipe name (stage1, tiny-stage2, ...)")
+    parser.add_argument("-o", "--output-dir", metavar="DIR",
+                        help="folder for checkpoints, logs and the export; sets train.output_dir "
+                             "(default: the recipe's)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
 
 
@@ -33,6 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _with_output_dir(output_dir: str | None, overrides: list[str]) -> list[str]:
+    """The overrides with ``-o DIR`` as ``train.output_dir`` (JSON-quoted: a YAML string whatever DIR looks like)."""
+    from ..train.recipe import parse_override
+
+    if output_dir is None:
+        return overrides
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "train.output_dir" and str(value) != output_dir:
+            raise ValueError(f"-o/--output-dir {output_dir} and {text} disagree; give the output folder once.")
+    return [f"train.output_dir={json.dumps(output_dir)}", *overrides]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train.recipe import load_recipe
 
@@ -43,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     config = extra.config or args.config
     if not config:
         raise ValueError("--config is required: a recipe YAML path or a packaged recipe name (e.g. tiny-stage1).")
-    recipe = load_recipe(config, extra.overrides)
+    recipe = load_recipe(config, _with_output_dir(extra.output_dir or args.output_dir, extra.overrides))
     recipe.validate(args.stage)
     if args.print_config or extra.print_config:
         print(recipe.dump(), end="")
