@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from kosmos_g.cli import main
 from kosmos_g.train.recipe import RECIPES_DIR, load_recipe, parse_override
@@ -49,6 +50,21 @@ def test_overrides_are_typed_yaml():
 def test_bad_recipes_name_the_problem(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_recipe("tiny-stage3", overrides).validate("stage3")
+
+
+@pytest.mark.parametrize("key, value", [("cell_label_weight", "2.0"), ("cell_classes", "{shape: 3}"), ("cells", "4")])
+def test_stage3_refuses_the_per_cell_loss_keys_by_name(tmp_path, key, value):
+    """The per-cell attribute loss is stage 1's only; a stage-3 recipe that sets one of its
+    keys fails with the loader's unknown-key error, which names the key."""
+    data = load_recipe("tiny-stage3").to_dict()
+    data["stage3"][key] = yaml.safe_load(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"Unknown recipe key\(s\) \['stage3\.{key}'\]"):
+        load_recipe(path)
+    with pytest.raises(ValueError, match=rf"\['stage3\.{key}'\]"):
+        load_recipe("tiny-stage3", [f"stage3.{key}={value}"])
+    assert load_recipe("tiny-stage1", [f"stage1.{key}={value}"])  # stage 1 keeps them
 
 
 def test_stage_mismatch_and_missing_recipe():

@@ -525,69 +525,6 @@ def test_stage3_text_align_adds_the_caption_states_mse_for_samples_with_a_target
         load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.text_align_weight=-1"]).validate("stage3")
 
 
-def test_stage3_cell_labels_score_the_edit_source_per_cell(world, tmp_path):
-    """``stage3.cell_label_weight`` adds w x the mean cross-entropy of a fresh per-cell head on
-    the resampler's output of edit sources that carry ``src_cell_labels``; crops and edits
-    without labels count for nothing; the per-source metrics stay the denoising loss; at 0
-    the loss is unchanged and no head exists."""
-    from accelerate import Accelerator
-
-    from kosmos_g.data.shards import BadSample
-    from kosmos_g.data.shards import iter_shards as shards_of
-    from kosmos_g.train.recipe import load_recipe
-    from kosmos_g.train.stage3 import Stage3
-
-    def stage_with(weight, *extra):
-        fresh_process_state()
-        recipe = load_recipe("tiny-stage3", [f"model.init={world['kosmos']}", f"stage3.sd_path={world['sd']}",
-                                             f"stage3.cell_label_weight={weight}", "stage3.cell_classes={shape: 3}",
-                                             "stage3.cells=4", *extra,
-                                             *[f"data.sources.{i}.shards={world['shards'][k]}"
-                                               for i, k in enumerate(SOURCES["stage3"])]])
-        recipe.validate("stage3")
-        stage = Stage3(recipe, Accelerator(cpu=True))
-        stage.model.eval()
-        return stage
-
-    on, off = stage_with(3.0), stage_with(0.0)
-    edits = list(shards_of(expand_shards(world["shards"]["edit"])))[:2]
-    meta = json.loads(edits[0]["json"])
-    meta["src_cell_labels"] = {"shape": [2, None, 0, 1], "color": [5, 5, 5, 5]}  # colour: not in the recipe
-    labelled = {**edits[0], "json": json.dumps(meta).encode()}
-    compositional = next(shards_of(expand_shards(world["shards"]["compositional"])))
-    caption = next(shards_of(expand_shards(world["shards"]["caption"])))
-    raws = [(labelled, "edit"), (edits[1], "edit"), (compositional, "compositional"), (caption, "caption")]
-    examples = [on.builder(raw, np.random.default_rng(i), src) for i, (raw, src) in enumerate(raws)]
-    assert examples[0]["cell_labels"] == [[[2], [-1], [0], [1]]]
-    assert examples[1]["cell_labels"] == [[[-1]] * 4]
-    n_crops = len(examples[2]["prompt"].pixel_values)
-    assert n_crops >= 1 and examples[2]["cell_labels"] == [[[-1]] * 4] * n_crops
-    assert examples[3]["cell_labels"] == []
-    batch = on.prepare_batch(on.collate(examples))
-    assert batch["cell_labels"].shape == (2 + n_crops, 4, 1)
-
-    got = on.module(batch)
-    plain = off.module({k: v for k, v in batch.items() if k != "cell_labels"})
-    with torch.no_grad():
-        logits = on.module.cell_head.logits(on.model.image_features(batch["pixel_values"][:1]))[0]  # (4, 3)
-        want = sum(-torch.log_softmax(logits[cell], -1)[c] for cell, c in ((0, 2), (2, 0), (3, 1)))
-    assert int(got["cells"][1]) == 3 and torch.allclose(got["cells"][0], want, rtol=1e-5)
-    n = plain["loss"][1]
-    assert int(got["loss"][1]) == int(n) == 4
-    assert torch.allclose(got["loss"][0], plain["loss"][0] + 3.0 * want / 3 * n, rtol=1e-5)
-    assert got["loss/edit"] == plain["loss/edit"]
-    assert "cells" in on.metric_names and "cells" not in off.metric_names and off.module.cell_head is None
-    got["loss"][0].backward()
-    assert on.module.cell_head.proj.weight.grad.abs().sum() > 0
-    assert on.model.resampler.latents.grad.abs().sum() > 0
-
-    meta["src_cell_labels"] = {"shape": [0, 1]}
-    with pytest.raises(BadSample, match=r"src_cell_labels.shape must list 4 cells \(stage3.cells\)"):
-        on.builder({**edits[0], "json": json.dumps(meta).encode()}, np.random.default_rng(0), "edit")
-    with pytest.raises(ValueError, match="needs stage3.cell_classes"):
-        load_recipe("tiny-stage3", [f"stage3.sd_path={world['sd']}", "stage3.cell_label_weight=1"]).validate("stage3")
-
-
 # ----------------------------------------------------------------------------- stage 1 cell labels
 
 CELL_OVERRIDES = ("stage1.cell_classes={shape: 3, color: 2}", "stage1.cells=4")

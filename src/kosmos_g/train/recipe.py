@@ -171,41 +171,7 @@ class ExportSpec:
 
 
 @dataclass
-class CellLabelSpec:
-    """The per-cell attribute loss, shared by stages 1 and 3 (not in the paper; off by default)."""
-
-    cell_label_weight: float = 0.0
-    """Weight of an extra loss (0: off): a linear head reads each labelled image's attributes
-    per grid cell from the resampler's output (all its slots together), scored by
-    cross-entropy against the sample's labels (stage 1: a caption image's ``"cell_labels"``;
-    stage 3: an edit's source image's ``"src_cell_labels"``; docs/data-format.md) and added
-    to the stage's loss as ``w x`` its mean over labelled (image, cell, attribute) entries.
-    Next-token or denoising loss alone lets the resampler average a scene's objects away;
-    this asks it to keep which object is where. The head is trained with the stage and
-    never exported."""
-    cell_classes: dict[str, int] = field(default_factory=dict)
-    """With ``cell_label_weight``: each labelled attribute and its number of classes, e.g.
-    ``{shape: 8, color: 8, pattern: 4}``; samples' labels of other attributes are ignored."""
-    cells: int = 9
-    """With ``cell_label_weight``: grid cells per image (the length of every label list)."""
-
-    def validate_cells(self, stage: str) -> None:
-        if not self.cell_label_weight >= 0:
-            raise ValueError(f"{stage}.cell_label_weight must be >= 0 (0: off), got {self.cell_label_weight}.")
-        if self.cell_label_weight == 0:
-            return
-        if not self.cell_classes:
-            raise ValueError(f"{stage}.cell_label_weight needs {stage}.cell_classes, the labelled attributes and "
-                             f"their class counts, e.g. {stage}.cell_classes={{shape: 8, color: 8}}.")
-        for name, n in self.cell_classes.items():
-            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-                raise ValueError(f"{stage}.cell_classes.{name} must be a class count >= 2, got {n!r}.")
-        if self.cells < 1:
-            raise ValueError(f"{stage}.cells must be >= 1, got {self.cells}.")
-
-
-@dataclass
-class Stage1Spec(CellLabelSpec):
+class Stage1Spec:
     """Multimodal language modelling (Kosmos-1 style)."""
 
     train_vision_last_block: bool = True
@@ -214,9 +180,33 @@ class Stage1Spec(CellLabelSpec):
     """Truncate documents to this many positions (default: the MLLM's max_positions)."""
     image_first_prob: float = 1.0
     """For caption samples: probability of ``<s> image caption </s>`` rather than ``<s> caption image </s>``."""
+    cell_label_weight: float = 0.0
+    """Weight of an extra loss (not in the paper; 0: off): a linear head reads each labelled
+    image's attributes per grid cell from the resampler's output (all its slots together),
+    scored by cross-entropy against a caption sample's ``"cell_labels"``
+    (docs/data-format.md) and added to the loss as ``w x`` its mean over labelled (image,
+    cell, attribute) entries. Next-token loss alone lets the resampler average a scene's
+    objects away; this asks it to keep which object is where. The head is trained with the
+    stage and never exported."""
+    cell_classes: dict[str, int] = field(default_factory=dict)
+    """With ``cell_label_weight``: each labelled attribute and its number of classes, e.g.
+    ``{shape: 8, color: 8, pattern: 4}``; samples' labels of other attributes are ignored."""
+    cells: int = 9
+    """With ``cell_label_weight``: grid cells per image (the length of every label list)."""
 
     def validate(self) -> None:
-        self.validate_cells("stage1")
+        if not self.cell_label_weight >= 0:
+            raise ValueError(f"stage1.cell_label_weight must be >= 0 (0: off), got {self.cell_label_weight}.")
+        if self.cell_label_weight == 0:
+            return
+        if not self.cell_classes:
+            raise ValueError("stage1.cell_label_weight needs stage1.cell_classes, the labelled attributes and "
+                             "their class counts, e.g. stage1.cell_classes={shape: 8, color: 8}.")
+        for name, n in self.cell_classes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ValueError(f"stage1.cell_classes.{name} must be a class count >= 2, got {n!r}.")
+        if self.cells < 1:
+            raise ValueError(f"stage1.cells must be >= 1, got {self.cells}.")
 
 
 @dataclass
@@ -238,8 +228,8 @@ class Stage2Spec:
 
 
 @dataclass
-class Stage3Spec(CellLabelSpec):
-    """Instruction tuning through the frozen U-Net (``cell_label_weight``: on edit sources)."""
+class Stage3Spec:
+    """Instruction tuning through the frozen U-Net."""
 
     sd_path: str | None = None
     """A diffusers SD1.5-layout folder (``unet/``, ``vae/``, ``scheduler/``). Without ``vae/``
@@ -287,7 +277,6 @@ class Stage3Spec(CellLabelSpec):
     """Fill the latent cache for every sample before training (else it fills as samples come)."""
 
     def validate(self) -> None:
-        self.validate_cells("stage3")
         if not self.sd_path:
             raise ValueError("stage3.sd_path is required (a diffusers SD1.5 folder).")
         for name in ("cond_dropout", "caption_drop", "entity_replace_prob", "white_crop_prob"):

@@ -68,9 +68,8 @@ class LabelledDocument(ProcessedPrompt):
     """(images, cells, attributes), attributes in ``stage1.cell_classes`` order."""
 
 
-def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: Any = None, *,
-                      field: str = "cell_labels", stage: str = "stage1") -> list[list[int]]:
-    """A sample's ``field`` (``{attribute: [class or null per cell]}``) as (cells,
+def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: Any = None) -> list[list[int]]:
+    """A caption sample's ``cell_labels`` (``{attribute: [class or null per cell]}``) as (cells,
     attributes) class indices, -1 where a cell or an attribute has no label. Attributes not
     in ``classes`` are ignored; a list of the wrong length or a class out of range is a
     :class:`BadSample`.
@@ -83,20 +82,20 @@ def parse_cell_labels(value: Any, classes: Mapping[str, int], cells: int, key: A
     if value is None:
         return rows
     if not isinstance(value, dict):
-        raise BadSample(f"sample {key!r}: {field} must map attributes to per-cell lists, got {value!r}.")
+        raise BadSample(f"sample {key!r}: cell_labels must map attributes to per-cell lists, got {value!r}.")
     for a, (name, n) in enumerate(classes.items()):
         labels = value.get(name)
         if labels is None:
             continue
         if not isinstance(labels, list) or len(labels) != cells:
-            raise BadSample(f"sample {key!r}: {field}.{name} must list {cells} cells ({stage}.cells), "
+            raise BadSample(f"sample {key!r}: cell_labels.{name} must list {cells} cells (stage1.cells), "
                             f"got {labels!r}.")
         for c, v in enumerate(labels):
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
-                raise BadSample(f"sample {key!r}: {field}.{name}[{c}]={v!r} is not a class in [0, {n}) "
-                                f"({stage}.cell_classes.{name}={n}).")
+                raise BadSample(f"sample {key!r}: cell_labels.{name}[{c}]={v!r} is not a class in [0, {n}) "
+                                f"(stage1.cell_classes.{name}={n}).")
             rows[c][a] = v
     return rows
 

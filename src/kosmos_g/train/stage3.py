@@ -20,9 +20,6 @@ target's optional foreground mask more in the loss (docs/data-format.md).
 ``stage3.text_align_weight`` (not in the paper; default 0, off) adds, for every sample whose
 target has a caption (compositional samples; edits that carry the edited image's
 ``target_caption``), the MSE between the condition and the SD text encoder's states of it.
-``stage3.cell_label_weight`` (not in the paper; default 0, off) adds stage 1's per-cell
-attribute loss (:class:`.stage1.CellLabelHead`, a fresh head) on the resampler's output of
-edit sources that carry ``"src_cell_labels"``, so the source scene's objects stay apart.
 
 Every random choice of a sample (caption drop, placements, crops, timestep, noise,
 null-condition dropout) comes from that sample's own generator, so runs resume exactly
@@ -49,7 +46,6 @@ from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
 from .latents import LatentCache
 from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
-from .stage1 import CellLabelHead, parse_cell_labels
 from .stage2 import check_clip_text, clip_ids, load_clip_text
 
 logger = logging.getLogger(__name__)
@@ -118,8 +114,7 @@ class Stage3Builder:
                  entity_replace_prob: float, white_crop_prob: float, cond_dropout: float,
                  num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
                  latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1,
-                 clip_tokenizer=None, clip_length: int = 77, cell_classes: dict[str, int] | None = None,
-                 cells: int = 9) -> None:
+                 clip_tokenizer=None, clip_length: int = 77) -> None:
         self.processor = processor
         self.resolution = resolution
         self.caption_drop = caption_drop
@@ -136,10 +131,6 @@ class Stage3Builder:
         """Set (``stage3.text_align_weight``): compositional samples and edits with a
         ``target_caption`` carry the CLIP ids of their target's caption."""
         self.clip_length = clip_length
-        self.cell_classes = dict(cell_classes or {})
-        """Set (``stage3.cell_label_weight``): every example carries one label row per prompt
-        image, an edit's source from its ``src_cell_labels``, the rest unlabelled (-1)."""
-        self.cells = cells
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
         meta = validate_sample(raw)
@@ -175,12 +166,6 @@ class Stage3Builder:
             example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, self.clip_length)
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
-        if self.cell_classes:
-            labels = [parse_cell_labels(None, self.cell_classes, self.cells)] * len(example["prompt"].pixel_values)
-            if kind == "edit":  # the source is the prompt's only image (captions are literal text)
-                labels[0] = parse_cell_labels(meta.get("src_cell_labels"), self.cell_classes, self.cells,
-                                              raw["__key__"], field="src_cell_labels", stage="stage3")
-            example["cell_labels"] = labels
         cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
         if cached is not None:
             example["latent_params"] = cached
@@ -234,8 +219,7 @@ class DiffusionModule(nn.Module):
     """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
 
     def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
-                 text_align_weight: float = 0.0, cell_head: CellLabelHead | None = None,
-                 cell_weight: float = 0.0, unet_bf16: bool = False) -> None:
+                 text_align_weight: float = 0.0, unet_bf16: bool = False) -> None:
         super().__init__()
         self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
@@ -244,16 +228,13 @@ class DiffusionModule(nn.Module):
         self.prediction_type = prediction_type
         self.source_names = list(source_names)
         self.text_align_weight = text_align_weight
-        self.cell_head = cell_head
-        self.cell_weight = cell_weight
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
         pixels = batch["pixel_values"]
         has_images = pixels.shape[0] > 0
-        feats = self.model.image_features(pixels) if self.cell_head is not None and has_images else None
         hidden = self.model.hidden_states(batch["input_ids"], batch["attention_mask"], pixels if has_images else None,
-                                          batch["image_mask"], features=feats)
+                                          batch["image_mask"])
         cond = self.model.aligner(hidden, batch["attention_mask"])  # (B, 77, D)
         cond = keep_image_weights_in_graph(self.model, cond, pixels)
         align = None
@@ -282,12 +263,7 @@ class DiffusionModule(nn.Module):
         if align is not None:
             out["align"] = (align.sum(), batch["align_mask"].sum())
             per = per + self.text_align_weight * align
-        total = per.sum()
-        if self.cell_head is not None:  # w x the mean over labelled entries, on top of the per-sample mean
-            mean, ce_sum, labelled = self.cell_head.mean_loss(feats, batch.get("cell_labels"), per.device)
-            total = total + self.cell_weight * mean * n
-            out["cells"] = (ce_sum.detach(), labelled)
-        out["loss"] = (total, n)
+        out["loss"] = (per.sum(), n)
         return out
 
 
@@ -303,8 +279,6 @@ class Stage3(Stage):
         self.metric_names = tuple(f"loss/{s.name}" for s in self.sources if s.weight > 0)
         if spec.text_align_weight > 0:
             self.metric_names += ("align",)
-        if spec.cell_label_weight > 0:
-            self.metric_names += ("cells",)
         self.model, self.processor = load_kosmos_g(recipe.model)
         self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
                                        vision_last_block=spec.train_vision_last_block)
@@ -362,21 +336,16 @@ class Stage3(Stage):
             check_clip_text(self.text_encoder, self.model.config.aligner, sd)
             self.text_encoder.requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
         self.source_names = [s.name for s in self.sources]
-        head = None
-        if spec.cell_label_weight > 0:
-            r = self.model.config.resampler
-            head = CellLabelHead(r.num_queries, r.output_dim, spec.cell_classes.values(), spec.cells)
         self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
                                       self.source_names, text_align_weight=spec.text_align_weight,
-                                      cell_head=head, cell_weight=spec.cell_label_weight, unet_bf16=unet_bf16)
+                                      unet_bf16=unet_bf16)
         self.builder = Stage3Builder(
             self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
             entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
             cond_dropout=spec.cond_dropout, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
             max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
             latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor,
-            clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries,
-            cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells)
+            clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries)
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -394,8 +363,6 @@ class Stage3(Stage):
         if self.text_encoder is not None:  # text_align_weight: only samples with a target caption carry CLIP ids
             batch["clip_ids"] = [ex.get("clip_ids") for ex in examples]
             batch["align_mask"] = torch.tensor(["clip_ids" in ex for ex in examples])
-        if self.module.cell_head is not None:
-            batch["cell_labels"] = self.module.cell_head.collate([ex["cell_labels"] for ex in examples])
         return batch
 
     def encode_targets(self, targets: torch.Tensor) -> torch.Tensor:
