@@ -29,6 +29,7 @@ and do not depend on how samples are spread over processes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +47,7 @@ from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
 from .latents import LatentCache
 from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
+from .recipe import Stage3Spec
 from .stage2 import check_clip_text, clip_ids, load_clip_text
 
 logger = logging.getLogger(__name__)
@@ -107,32 +109,66 @@ def compositional_segments(raw: dict[str, Any], meta: dict[str, Any], rng: np.ra
     return segments
 
 
+@dataclass(frozen=True, kw_only=True)
+class Stage3Options:
+    """What stage 3's example builder and loss module read: the recipe's ``stage3`` section,
+    resolved against the loaded scheduler, VAE and AlignerNet (:meth:`from_spec`)."""
+
+    resolution: int
+    """Target side in pixels (``stage3.resolution``)."""
+    cond_dropout: float
+    """Share of conditions replaced by the null condition."""
+    caption_drop: float
+    """Edit samples: probability of dropping the source caption."""
+    entity_replace_prob: float
+    """Compositional samples: probability that the crops replace the entity words."""
+    white_crop_prob: float
+    """Compositional samples: probability of the background-whitened crop."""
+    max_caption_tokens: int
+    """Caption samples with more MLLM tokens are filtered."""
+    min_caption_image_size: int
+    """Caption samples whose image is smaller on either side are filtered (0: none)."""
+    foreground_weight: float
+    """Weight of a target's foreground pixels (1.0: masks ignored)."""
+    text_align_weight: float
+    """Weight of the condition-to-caption-states MSE (0: off)."""
+    num_train_timesteps: int
+    """Length of the U-Net's training schedule; timesteps are drawn from [0, this)."""
+    prediction_type: str
+    """``epsilon`` or ``v_prediction`` (the scheduler's, or ``stage3.prediction_type``)."""
+    latent_factor: int
+    """Pixels per latent position along a side (the VAE's downsampling; 1 in pixel space)."""
+    clip_length: int
+    """Condition length (AlignerNet's queries), to which target captions' CLIP ids are padded."""
+    unet_bf16: bool
+    """The frozen U-Net's pass runs under bfloat16 autocast (``stage3.unet_precision``)."""
+
+    @classmethod
+    def from_spec(cls, spec: Stage3Spec, *, num_train_timesteps: int, prediction_type: str, latent_factor: int,
+                  clip_length: int, unet_bf16: bool) -> "Stage3Options":
+        """The spec's sample and loss settings plus the values the loaded models fix."""
+        return cls(resolution=spec.resolution, cond_dropout=spec.cond_dropout, caption_drop=spec.caption_drop,
+                   entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
+                   max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
+                   foreground_weight=spec.foreground_weight, text_align_weight=spec.text_align_weight,
+                   num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
+                   latent_factor=latent_factor, clip_length=clip_length, unet_bf16=unet_bf16)
+
+
 class Stage3Builder:
     """Raw sample -> prompt, target (or cached latent posterior) and its random draws (workers)."""
 
-    def __init__(self, processor: KosmosGProcessor, *, resolution: int, caption_drop: float,
-                 entity_replace_prob: float, white_crop_prob: float, cond_dropout: float,
-                 num_train_timesteps: int, max_caption_tokens: int, min_caption_image_size: int,
-                 latent_cache: LatentCache | None, foreground_weight: float = 1.0, latent_factor: int = 1,
-                 clip_tokenizer=None, clip_length: int = 77) -> None:
+    def __init__(self, processor: KosmosGProcessor, options: Stage3Options, *,
+                 latent_cache: LatentCache | None = None, clip_tokenizer=None) -> None:
         self.processor = processor
-        self.resolution = resolution
-        self.caption_drop = caption_drop
-        self.entity_replace_prob = entity_replace_prob
-        self.white_crop_prob = white_crop_prob
-        self.cond_dropout = cond_dropout
-        self.num_train_timesteps = num_train_timesteps
-        self.max_caption_tokens = max_caption_tokens
-        self.min_caption_image_size = min_caption_image_size
+        self.options = options
         self.latent_cache = latent_cache
-        self.foreground_weight = foreground_weight
-        self.latent_factor = latent_factor
         self.clip_tokenizer = clip_tokenizer
         """Set (``stage3.text_align_weight``): compositional samples and edits with a
         ``target_caption`` carry the CLIP ids of their target's caption."""
-        self.clip_length = clip_length
 
     def __call__(self, raw: dict[str, Any], rng: np.random.Generator, source: str) -> dict[str, Any]:
+        opt = self.options
         meta = validate_sample(raw)
         kind = meta["kind"]
         if kind not in KINDS:
@@ -140,30 +176,12 @@ class Stage3Builder:
         example: dict[str, Any] = {
             "source": source, "key": raw["__key__"],
             "seed": int(rng.integers(0, 2 ** 62)),
-            "timestep": int(rng.integers(0, self.num_train_timesteps)),
-            "drop": bool(rng.random() < self.cond_dropout),
+            "timestep": int(rng.integers(0, opt.num_train_timesteps)),
+            "drop": bool(rng.random() < opt.cond_dropout),
         }
-        target: Image.Image | None = None
-        if kind == "caption":
-            if len(self.processor.tokenizer.encode(meta["caption"])) > self.max_caption_tokens:
-                raise SampleFiltered
-            if self.min_caption_image_size:
-                target = decode_image(raw)
-                if min(target.size) < self.min_caption_image_size:
-                    raise SampleFiltered
-            segments: list[Any] = [meta["caption"]]
-            target_caption: str | None = None  # the prompt is the caption itself
-        elif kind == "edit":
-            caption = "" if rng.random() < self.caption_drop else meta["caption"]
-            segments = [caption, decode_image(raw, "src"), meta["instruction"]]
-            target_caption = meta.get("target_caption")
-        else:
-            segments = compositional_segments(raw, meta, rng, replace_prob=self.entity_replace_prob,
-                                              white_prob=self.white_crop_prob,
-                                              max_images=self.processor.max_images)
-            target_caption = meta["caption"]
+        segments, target_caption, target = self._prompt(raw, meta, rng)
         if self.clip_tokenizer is not None and target_caption is not None:
-            example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, self.clip_length)
+            example["clip_ids"] = clip_ids(self.clip_tokenizer, target_caption, opt.clip_length)
         # captions are data: a literal "<i>" (HTML italics) is text, not a forgotten placeholder
         example["prompt"] = self.processor.encode_prompt(segments, literal_text=True)
         cached = self.latent_cache.get(source, raw["__key__"]) if self.latent_cache else None
@@ -171,17 +189,41 @@ class Stage3Builder:
             example["latent_params"] = cached
         else:
             target = target if target is not None else decode_image(raw, _TARGET_STEM[kind])
-            example["target"] = preprocess_target(target, self.resolution)
-        if self.foreground_weight != 1.0 and image_member(raw, _MASK_STEM[kind]) is not None:
-            mask = decode_image(raw, _MASK_STEM[kind], mask=True)
-            size = target.size if target is not None else image_size(raw, _TARGET_STEM[kind])
-            if mask.size != size:
-                raise BadSample(f"{kind} sample {raw['__key__']!r}: foreground mask {_MASK_STEM[kind]} is "
-                                f"{mask.size[0]}x{mask.size[1]} but its target is {size[0]}x{size[1]}; "
-                                "a mask must match its target pixel for pixel.")
-            example["loss_weight"] = foreground_weights(mask, self.resolution, self.latent_factor,
-                                                        self.foreground_weight)
+            example["target"] = preprocess_target(target, opt.resolution)
+        if opt.foreground_weight != 1.0 and image_member(raw, _MASK_STEM[kind]) is not None:
+            example["loss_weight"] = self._loss_weight(raw, kind, target)
         return example
+
+    def _prompt(self, raw: dict[str, Any], meta: dict[str, Any],
+                rng: np.random.Generator) -> tuple[list[Any], str | None, Image.Image | None]:
+        """(prompt segments, the target's caption if it has one, the target if already decoded)."""
+        opt, kind = self.options, meta["kind"]
+        if kind == "caption":
+            target = None
+            if len(self.processor.tokenizer.encode(meta["caption"])) > opt.max_caption_tokens:
+                raise SampleFiltered
+            if opt.min_caption_image_size:
+                target = decode_image(raw)
+                if min(target.size) < opt.min_caption_image_size:
+                    raise SampleFiltered
+            return [meta["caption"]], None, target  # the prompt is the caption itself
+        if kind == "edit":
+            caption = "" if rng.random() < opt.caption_drop else meta["caption"]
+            return [caption, decode_image(raw, "src"), meta["instruction"]], meta.get("target_caption"), None
+        segments = compositional_segments(raw, meta, rng, replace_prob=opt.entity_replace_prob,
+                                          white_prob=opt.white_crop_prob, max_images=self.processor.max_images)
+        return segments, meta["caption"], None
+
+    def _loss_weight(self, raw: dict[str, Any], kind: str, target: Image.Image | None) -> torch.Tensor:
+        """The per-position weights of the target's foreground mask (``stage3.foreground_weight``)."""
+        mask = decode_image(raw, _MASK_STEM[kind], mask=True)
+        size = target.size if target is not None else image_size(raw, _TARGET_STEM[kind])
+        if mask.size != size:
+            raise BadSample(f"{kind} sample {raw['__key__']!r}: foreground mask {_MASK_STEM[kind]} is "
+                            f"{mask.size[0]}x{mask.size[1]} but its target is {size[0]}x{size[1]}; "
+                            "a mask must match its target pixel for pixel.")
+        opt = self.options
+        return foreground_weights(mask, opt.resolution, opt.latent_factor, opt.foreground_weight)
 
 
 @torch.no_grad()
@@ -215,19 +257,25 @@ def draw_pixel_noise(pixels: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.
     return pixels, torch.stack(noise).to(pixels.device)
 
 
+def vae_geometry(vae) -> tuple[int, float]:
+    """(pixels per latent position along a side, the latents' scaling factor) of ``vae``; (1, 1.0)
+    without one (pixel space)."""
+    if vae is None:
+        return 1, 1.0
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return factor, float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
+
+
 class DiffusionModule(nn.Module):
     """Denoising loss through the frozen U-Net; ``forward(batch) -> {"loss": (sum, n), "loss/<src>": ...}``."""
 
-    def __init__(self, model, unet, noise_scheduler, prediction_type: str, source_names: Sequence[str],
-                 text_align_weight: float = 0.0, unet_bf16: bool = False) -> None:
+    def __init__(self, model, unet, noise_scheduler, source_names: Sequence[str], options: Stage3Options) -> None:
         super().__init__()
-        self.unet_bf16 = unet_bf16  # the U-Net's pass under bfloat16 autocast (stage3.unet_precision)
         self.model = model
         self.frozen = {"unet": unet}  # a plain dict: not a submodule, so not wrapped, saved or synced
         self.noise_scheduler = noise_scheduler
-        self.prediction_type = prediction_type
         self.source_names = list(source_names)
-        self.text_align_weight = text_align_weight
+        self.options = options
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         unet = self.frozen["unet"]
@@ -245,11 +293,11 @@ class DiffusionModule(nn.Module):
         cond = torch.where(batch["drop"][:, None, None], null, cond)
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "epsilon":
+        if self.options.prediction_type == "epsilon":
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, t)
-        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.unet_bf16):
+        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=self.options.unet_bf16):
             pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
         err = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
         if batch.get("loss_weight") is not None:  # (B, 1, h, w), mean 1 per sample
@@ -262,7 +310,7 @@ class DiffusionModule(nn.Module):
             out[f"loss/{name}"] = ((per * hit).sum(), hit.sum())
         if align is not None:
             out["align"] = (align.sum(), batch["align_mask"].sum())
-            per = per + self.text_align_weight * align
+            per = per + self.options.text_align_weight * align
         out["loss"] = (per.sum(), n)
         return out
 
@@ -273,8 +321,6 @@ class Stage3(Stage):
 
     def __init__(self, recipe, accelerator) -> None:
         super().__init__(recipe, accelerator)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
         spec = recipe.stage3
         self.metric_names = tuple(f"loss/{s.name}" for s in self.sources if s.weight > 0)
         if spec.text_align_weight > 0:
@@ -282,6 +328,33 @@ class Stage3(Stage):
         self.model, self.processor = load_kosmos_g(recipe.model)
         self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
                                        vision_last_block=spec.train_vision_last_block)
+        self._load_diffusion(spec)
+        self.vae_factor, self.scaling = vae_geometry(self.vae)
+        self._check_diffusion(spec)
+        for net in (self.unet, self.vae):
+            if net is not None:
+                net.requires_grad_(False).eval().to(self.device)
+        use_matmul_attention_if_small(self.unet)  # micro-SD's 8x8 maps; SD1.5 keeps the fused kernel
+        unet_bf16 = self._unet_bf16(spec)
+        if recipe.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+            self.unet.enable_gradient_checkpointing()
+        self.cache = self._latent_cache(spec)
+        self.text_encoder, clip_tokenizer = self._load_text_encoder(spec)
+        self.source_names = [s.name for s in self.sources]
+        self.options = Stage3Options.from_spec(
+            spec, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            prediction_type=self.noise_scheduler.config.prediction_type, latent_factor=self.vae_factor,
+            clip_length=self.model.config.aligner.num_queries, unet_bf16=unet_bf16)
+        self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, self.source_names, self.options)
+        self.builder = Stage3Builder(self.processor, self.options, latent_cache=self.cache,
+                                     clip_tokenizer=clip_tokenizer)
+
+    # ------------------------------------------------------------------ setup steps
+    def _load_diffusion(self, spec: Stage3Spec) -> None:
+        """The frozen U-Net, VAE (None: pixel space) and noise scheduler from ``stage3.sd_path``."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
         sd = Path(spec.sd_path)
         if not (sd / "unet").is_dir():
             raise FileNotFoundError(f"stage3.sd_path={sd} has no unet/ subfolder; pass a diffusers SD folder.")
@@ -300,52 +373,42 @@ class Stage3(Stage):
         self.noise_scheduler = DDPMScheduler.from_pretrained(str(sd), subfolder="scheduler")
         if spec.prediction_type is not None:
             self.noise_scheduler.register_to_config(prediction_type=spec.prediction_type)
+
+    def _check_diffusion(self, spec: Stage3Spec) -> None:
+        """Refuse a scheduler, U-Net or resolution this model cannot be trained through."""
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"Unsupported prediction_type {prediction_type!r}; use epsilon or v_prediction.")
         if self.unet.config.cross_attention_dim != self.model.config.aligner.output_dim:
             raise ValueError(f"The U-Net attends to {self.unet.config.cross_attention_dim}-wide conditions but "
                              f"AlignerNet outputs {self.model.config.aligner.output_dim}.")
-        if self.vae is None:
-            self.vae_factor, self.scaling = 1, 1.0
-        else:
-            self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            self.scaling = float(getattr(self.vae.config, "scaling_factor", 0.18215) or 0.18215)
         if spec.resolution % self.vae_factor:
             raise ValueError(f"stage3.resolution={spec.resolution} must be a multiple of the VAE factor "
                              f"{self.vae_factor}.")
-        for net in (self.unet, self.vae):
-            if net is not None:
-                net.requires_grad_(False).eval().to(self.device)
-        use_matmul_attention_if_small(self.unet)  # micro-SD's 8x8 maps; SD1.5 keeps the fused kernel
-        unet_bf16 = spec.unet_precision is not None and resolve_precision(spec.unet_precision, self.device) == "bf16"
-        if unet_bf16:
+
+    def _unet_bf16(self, spec: Stage3Spec) -> bool:
+        """Whether the frozen U-Net runs under bfloat16 autocast (``stage3.unet_precision``)."""
+        bf16 = spec.unet_precision is not None and resolve_precision(spec.unet_precision, self.device) == "bf16"
+        if bf16:
             logger.info("stage3: the frozen U-Net runs under bfloat16 autocast (stage3.unet_precision=%s)",
                         spec.unet_precision)
-        if recipe.train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-            self.unet.enable_gradient_checkpointing()
-        self.cache = None
-        if spec.latent_cache:
-            self.cache = LatentCache(spec.latent_cache, {
-                "vae": str(sd.resolve() / "vae"), "resolution": spec.resolution,
-                "latent_channels": self.vae.config.latent_channels})
-        self.text_encoder, clip_tokenizer = None, None
-        if spec.text_align_weight > 0:
-            self.text_encoder, clip_tokenizer = load_clip_text(str(sd))
-            check_clip_text(self.text_encoder, self.model.config.aligner, sd)
-            self.text_encoder.requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
-        self.source_names = [s.name for s in self.sources]
-        self.module = DiffusionModule(self.model, self.unet, self.noise_scheduler, prediction_type,
-                                      self.source_names, text_align_weight=spec.text_align_weight,
-                                      unet_bf16=unet_bf16)
-        self.builder = Stage3Builder(
-            self.processor, resolution=spec.resolution, caption_drop=spec.caption_drop,
-            entity_replace_prob=spec.entity_replace_prob, white_crop_prob=spec.white_crop_prob,
-            cond_dropout=spec.cond_dropout, num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            max_caption_tokens=spec.max_caption_tokens, min_caption_image_size=spec.min_caption_image_size,
-            latent_cache=self.cache, foreground_weight=spec.foreground_weight, latent_factor=self.vae_factor,
-            clip_tokenizer=clip_tokenizer, clip_length=self.model.config.aligner.num_queries)
+        return bf16
+
+    def _latent_cache(self, spec: Stage3Spec) -> LatentCache | None:
+        if not spec.latent_cache:
+            return None
+        return LatentCache(spec.latent_cache, {
+            "vae": str(Path(spec.sd_path).resolve() / "vae"), "resolution": spec.resolution,
+            "latent_channels": self.vae.config.latent_channels})
+
+    def _load_text_encoder(self, spec: Stage3Spec):
+        """(frozen CLIP text encoder, its tokenizer) for ``stage3.text_align_weight``, else (None, None)."""
+        if spec.text_align_weight <= 0:
+            return None, None
+        encoder, tokenizer = load_clip_text(spec.sd_path)
+        check_clip_text(encoder, self.model.config.aligner, Path(spec.sd_path))
+        encoder.requires_grad_(False).eval().to(self.device, dtype=self.weight_dtype)
+        return encoder, tokenizer
 
     # ------------------------------------------------------------------ batches
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -390,7 +453,7 @@ class Stage3(Stage):
         if self.text_encoder is not None:  # encode only the rows that have a caption; the rest stay 0 (masked)
             rows = [i for i, ids in enumerate(batch["clip_ids"]) if ids is not None]
             width = self.text_encoder.config.hidden_size
-            target = torch.zeros(len(batch["clip_ids"]), self.builder.clip_length, width, device=self.device)
+            target = torch.zeros(len(batch["clip_ids"]), self.options.clip_length, width, device=self.device)
             if rows:
                 ids = torch.tensor([batch["clip_ids"][i] for i in rows], dtype=torch.long, device=self.device)
                 with self.accelerator.autocast():
