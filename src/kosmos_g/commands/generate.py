@@ -103,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an image for the next '<i>' (repeat, in order)")
     src = p.add_argument_group("models")
     src.add_argument("--model", help="Kosmos-G folder (default: the embedded micro model)")
-    src.add_argument("--sd", help="Stable Diffusion 1.5 diffusers folder (unet/, vae/, scheduler/)")
+    src.add_argument("--sd", help="Stable Diffusion 1.5 diffusers folder (unet/, vae/, scheduler/; "
+                                  "default: the embedded micro-SD)")
     src.add_argument("--random-tiny", action="store_true",
                      help="use a tiny model with RANDOM weights (output is noise): a smoke test")
     src.add_argument("--controlnet", action="append", default=[], metavar="DIR",
