@@ -374,6 +374,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
+    return _coerce_scalar(tp, value, where)
+
+
+def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
+    """A YAML scalar as ``bool``, ``int``, ``float`` or ``str`` (other types pass through)."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true/false, got {value!r}.")

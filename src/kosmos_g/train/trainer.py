@@ -78,6 +78,25 @@ def _step_seed(seed: int, *parts: int) -> int:
     return int(np.random.default_rng([seed & 0xFFFFFFFF, *parts]).integers(0, 2 ** 62))
 
 
+class _Window:
+    """Sums and counts of the logged metrics, and the samples trained, since the last log row."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {n: torch.zeros(2, dtype=torch.float64) for n in self.names}
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, out: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for n in self.names:
+            if n in out:
+                s, c = out[n]
+                self.sums[n] += torch.tensor([float(s.detach()), float(c)], dtype=torch.float64)
+
+
 class Trainer:
     """Runs one stage of a recipe; ``run()`` trains, checkpoints and exports.
 
@@ -115,15 +134,7 @@ class Trainer:
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"{stage}: nothing to train (every parameter is frozen).")
-        opt = recipe.optim
-        fused = opt.fused
-        if fused is None:
-            fused = acc.distributed_type != DistributedType.DEEPSPEED and all(
-                p.is_floating_point() and acc.device.type in ("cpu", "cuda") for p in self.params)
-        self.optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
-                                           eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_decay(
-            opt.warmup_steps, recipe.train.max_steps, opt.schedule, warmup_from_zero=True))
+        self.optimizer, self.scheduler = self._optimizer(module)
         if acc.distributed_type == DistributedType.DEEPSPEED:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
@@ -139,8 +150,24 @@ class Trainer:
         self.samples = 0
         self.position: dict[int, Any] = {}
         self.history: list[dict[str, float]] = []
+        self.grad_norm = float("nan")  # the last clipped step's, logged with each row
 
     # ------------------------------------------------------------------ setup helpers
+    def _optimizer(self, module: torch.nn.Module):
+        """AdamW over the trained parameters and its warm-up + decay LR schedule."""
+        from accelerate.utils import DistributedType
+
+        acc, opt = self.accelerator, self.recipe.optim
+        fused = opt.fused
+        if fused is None:
+            fused = acc.distributed_type != DistributedType.DEEPSPEED and all(
+                p.is_floating_point() and acc.device.type in ("cpu", "cuda") for p in self.params)
+        optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
+                                      eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
+        # step / warmup: the first step runs at lr 0, as every run of this trainer has
+        factor = warmup_decay(opt.warmup_steps, self.recipe.train.max_steps, opt.schedule, warmup_from_zero=True)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     def _param_groups(self, module: torch.nn.Module) -> list[dict[str, Any]]:
         if not self.recipe.optim.no_decay_norm_and_bias:
             return [{"params": [p for p in module.parameters() if p.requires_grad]}]
@@ -276,6 +303,12 @@ class Trainer:
                 if k != "step" and v is not None and not (isinstance(v, float) and math.isnan(v)):
                     self._tb.add_scalar(f"train/{k}", v, row["step"])
 
+    def _close_logs(self) -> None:
+        if self._csv is not None:
+            self._csv.close()
+        if self._tb is not None:
+            self._tb.close()
+
     # ------------------------------------------------------------------ training
     def _loader(self) -> StreamLoader:
         acc, data = self.accelerator, self.recipe.data
@@ -305,73 +338,75 @@ class Trainer:
         loader = iter(self._loader())
         max_steps = recipe.train.max_steps
         stop = min(max_steps, recipe.train.stop_after or max_steps)
-        per_step = recipe.data.batch_size * recipe.train.grad_accum * acc.num_processes
-        names = ["loss", *self.stage.metric_names]
-        window = {n: torch.zeros(2, dtype=torch.float64) for n in names}
-        grad_norm = float("nan")
-        t_window, n_window = time.perf_counter(), 0
+        window = _Window(["loss", *self.stage.metric_names])
         bar = tqdm(total=max_steps, initial=self.step, desc=self.stage_name, dynamic_ncols=True,
                    disable=not (acc.is_main_process and recipe.log.progress))
-        seed = recipe.train.seed
         try:
             while self.step < stop:
-                for micro in range(recipe.train.grad_accum):
-                    batch, position = next(loader)
-                    batch = self.stage.prepare_batch(to_device(batch, acc.device))
-                    torch.manual_seed(_step_seed(seed, self.step, micro, acc.process_index))  # dropout
-                    with acc.accumulate(self.module):
-                        out = self.module(batch)
-                        loss_sum, count = out["loss"]
-                        total = acc.reduce(count.detach().float().reshape(1), "sum")
-                        loss = loss_sum * acc.num_processes / total.clamp(min=1)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            clip = recipe.optim.clip_grad_norm
-                            if clip:
-                                grad_norm = float(acc.clip_grad_norm_(self.params, clip))
-                            self.optimizer.step()
-                            if not self.optimizer.step_was_skipped:
-                                self.scheduler.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                    for n in names:
-                        if n in out:
-                            s, c = out[n]
-                            window[n] += torch.tensor([float(s.detach()), float(c)], dtype=torch.float64)
-                self.step += 1
-                self.samples += per_step
-                self.position = position
-                n_window += per_step
+                self._train_step(loader, window)
                 bar.update(1)
                 if self.step % max(1, recipe.log.every) == 0 or self.step == stop:
-                    stacked = torch.stack([window[n] for n in names]).to(acc.device)
-                    stacked = acc.reduce(stacked, "sum").cpu()
-                    elapsed = time.perf_counter() - t_window
-                    counts = self._counts()
-                    row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                           "samples": self.samples, "samples_per_s": n_window / max(elapsed, 1e-9),
-                           "bad_samples": counts["bad"], "filtered_samples": counts["filtered"]}
-                    for n, (s, c) in zip(names, stacked.tolist()):
-                        row[n] = s / c if c else float("nan")
-                    if acc.is_main_process:
-                        self._write_log(row)
+                    row = self._log_window(window)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-                    window = {n: torch.zeros(2, dtype=torch.float64) for n in names}
-                    t_window, n_window = time.perf_counter(), 0
                 every = recipe.checkpoint.every
                 if (every and self.step % every == 0) or self.step == stop:
                     self.save_checkpoint()
         finally:
             bar.close()
             del loader  # stops DataLoader workers
-            if self._csv is not None:
-                self._csv.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._close_logs()
         summary: dict[str, Any] = {"step": self.step, "samples": self.samples, "data": self._counts(),
                                    "final_loss": self.history[-1]["loss"] if self.history else None}
         if self.step >= max_steps:
             summary["export"] = str(self.export())
         return summary
+
+    def _train_step(self, loader, window: "_Window") -> None:
+        """One optimizer step over ``train.grad_accum`` micro-batches; advances step, samples and
+        the data position."""
+        acc, recipe = self.accelerator, self.recipe
+        for micro in range(recipe.train.grad_accum):
+            batch, position = next(loader)
+            batch = self.stage.prepare_batch(to_device(batch, acc.device))
+            torch.manual_seed(_step_seed(recipe.train.seed, self.step, micro, acc.process_index))  # dropout
+            with acc.accumulate(self.module):
+                out = self.module(batch)
+                loss_sum, count = out["loss"]
+                total = acc.reduce(count.detach().float().reshape(1), "sum")
+                acc.backward(loss_sum * acc.num_processes / total.clamp(min=1))  # the mean over all processes
+                if acc.sync_gradients:
+                    self._optimizer_step()
+            window.add(out)
+        per_step = recipe.data.batch_size * recipe.train.grad_accum * acc.num_processes
+        self.step += 1
+        self.samples += per_step
+        self.position = position
+        window.samples += per_step
+
+    def _optimizer_step(self) -> None:
+        clip = self.recipe.optim.clip_grad_norm
+        if clip:
+            self.grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
+        self.optimizer.step()
+        if not self.optimizer.step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _log_window(self, window: "_Window") -> dict[str, float]:
+        """The log row of the steps since the last one (metrics averaged over every process)."""
+        acc = self.accelerator
+        stacked = acc.reduce(torch.stack([window.sums[n] for n in window.names]).to(acc.device), "sum").cpu()
+        elapsed = time.perf_counter() - window.start
+        counts = self._counts()
+        row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], "grad_norm": self.grad_norm,
+               "samples": self.samples, "samples_per_s": window.samples / max(elapsed, 1e-9),
+               "bad_samples": counts["bad"], "filtered_samples": counts["filtered"]}
+        for n, (s, c) in zip(window.names, stacked.tolist()):
+            row[n] = s / c if c else float("nan")
+        if acc.is_main_process:
+            self._write_log(row)
+        window.reset()
+        return row
 
     def _counts(self) -> dict[str, int]:
         """Bad/filtered samples over all processes (each process counts its own streams)."""
