@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                   num_images_per_prompt=args.num_images, output_type="pil")
 
     def run_ours():
-        return ours("<i> wearing <i>", images=[dog, hat], generator=torch.Generator("cpu").manual_seed(0), **common)
+        return ours("<i> wearing <i>", prompt_images=[dog, hat], generator=torch.Generator("cpu").manual_seed(0), **common)
 
     def run_theirs():
         return theirs("a photo of a dog wearing a hat", generator=torch.Generator("cpu").manual_seed(0), **common)

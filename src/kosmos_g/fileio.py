@@ -1,0 +1,122 @@
+"""Atomic writes: every file and folder the package writes appears whole or not at all.
+
+A writer fills a temporary sibling (same folder, so the final ``os.replace`` is a rename
+on one file system) and renames it into place only once it is complete; on error the
+temporary is removed. Readers therefore never see a half-written checkpoint, shard,
+image or sidecar, and a killed job leaves at most a hidden ``.NAME.tmp-*`` behind.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = atomic_write_text(Path(d) / "a.json", "{}")
+    ...     with atomic_dir(Path(d) / "model") as tmp:
+    ...         _ = (tmp / "config.json").write_text("{}")
+    ...     sorted(p.name for p in Path(d).iterdir())
+    ['a.json', 'model']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_modes(root: Path) -> None:
+    """Give ``root`` (and, for a folder, everything in it) the modes a plain ``mkdir``/``open``
+    would have: ``mkdtemp``/``mkstemp`` make 0700 folders and 0600 files, which would lock
+    other users out of a shared model folder."""
+    umask = _umask()
+    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~umask)
+    if root.is_dir():
+        for path in root.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
+
+    The temporary name is unique (``mkstemp``), so concurrent writers never share one.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with atomic_file(Path(d) / "x.bin") as tmp:
+        ...         _ = tmp.write_bytes(b"1")
+        ...     (Path(d) / "x.bin").read_bytes()
+        b'1'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _public_modes(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``out_dir`` to fill; on success it becomes ``out_dir``.
+
+    ``replace=False`` (the default) refuses an existing ``out_dir`` with ``FileExistsError``
+    before anything is written; ``replace=True`` swaps the old folder out only after the new
+    one is complete, so a reader sees the old folder or the new one, never a mixture.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with atomic_dir(f"{d}/x") as tmp:
+        ...         _ = (tmp / "a.txt").write_text("hi")
+        ...     sorted(p.name for p in Path(d).iterdir())
+        ['x']
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not replace:
+        raise FileExistsError(f"{out_dir} already exists; remove it or choose another folder.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _public_modes(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
