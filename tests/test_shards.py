@@ -22,8 +22,9 @@ def _png(size=8, value=0) -> np.ndarray:
 def test_writer_rotates_shards_and_publishes_atomically(tmp_path):
     w = ShardWriter(tmp_path, prefix="caps", max_samples=2)
     w.write({"json": {"kind": "caption", "caption": "a"}, "png": _png()})
-    # the shard being written is invisible as a shard
-    assert [p.name for p in tmp_path.iterdir()] == ["caps-000000.tar.tmp"]
+    # the shard being written is a hidden temporary, invisible as a shard
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(".caps-000000.tar.tmp-")
     with pytest.raises(FileNotFoundError):
         expand_shards(tmp_path)
     for i in range(4):
@@ -34,12 +35,14 @@ def test_writer_rotates_shards_and_publishes_atomically(tmp_path):
     assert [len(list(iter_shard(p))) for p in shards] == [2, 2, 1]
 
 
-def test_crashed_writer_leaves_only_tmp(tmp_path):
+def test_crashed_writer_keeps_only_its_complete_shards(tmp_path):
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, max_samples=10) as w:
+        with ShardWriter(tmp_path, max_samples=1) as w:
             w.write({"json": {"kind": "text", "text": "x"}})
+            w.write({"json": {"kind": "text", "text": "y"}})  # publishes shard 0, starts shard 1
             raise RuntimeError("crash")
-    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]
+    assert [json.loads(s["json"])["text"] for s in iter_shard(tmp_path / "shard-000000.tar")] == ["x"]
 
 
 def test_round_trip_all_kinds_and_webdataset_interop(tmp_path):

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_file
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 KINDS = ("caption", "text", "interleaved", "edit", "compositional")
 
@@ -95,10 +97,11 @@ def encode_member(name: str, value: Any) -> bytes:
 class ShardWriter:
     """Write samples into numbered tar shards, each published atomically.
 
-    A shard is written as ``<prefix>-NNNNNN.tar.tmp`` and renamed to
-    ``<prefix>-NNNNNN.tar`` only when it is complete, so a crashed writer never leaves
-    a half shard that looks whole. A new shard starts after ``max_samples`` samples or
-    once the current one exceeds ``max_bytes``.
+    A shard is written to a hidden temporary beside it (:func:`kosmos_g.fileio.atomic_file`)
+    and renamed to ``<prefix>-NNNNNN.tar`` only when it is complete, so a crashed writer
+    never leaves a half shard that looks whole: an error inside the ``with`` block removes
+    the unfinished shard and keeps the complete ones. A new shard starts after
+    ``max_samples`` samples or once the current one exceeds ``max_bytes``.
 
     Args:
         directory: where the shards go (created if needed).
@@ -127,7 +130,8 @@ class ShardWriter:
         self.shards: list[Path] = []
         self.total = 0
         self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
+        self._shard: Path | None = None
+        self._publish = contextlib.ExitStack()  # the open shard's atomic_file: exiting it publishes
         self._count = 0
         self._bytes = 0
         self._keys: set[str] = set()
@@ -139,9 +143,11 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:  # leave the .tmp behind: it never looks like a shard
+            return
+        if self._tar is not None:
             self._tar.close()
             self._tar = None
+        self._publish.__exit__(exc_type, exc, tb)  # removes the unfinished shard, never publishes it
 
     # ------------------------------------------------------------------ writing
     def write(self, sample: Mapping[str, Any], key: str | None = None) -> str:
@@ -161,7 +167,7 @@ class ShardWriter:
                 self.max_bytes is not None and self._bytes >= self.max_bytes):
             self._next_shard()
         if key in self._keys:
-            raise ValueError(f"Duplicate key {key!r} in shard {self._tmp}; keys must be unique per shard.")
+            raise ValueError(f"Duplicate key {key!r} in shard {self._shard}; keys must be unique per shard.")
         self._keys.add(key)
         for name, value in members.items():
             data = encode_member(name, value)
@@ -175,20 +181,19 @@ class ShardWriter:
 
     def _next_shard(self) -> None:
         self._finish()
-        name = f"{self.prefix}-{self.index:06d}.tar"
+        self._shard = self.directory / f"{self.prefix}-{self.index:06d}.tar"
         self.index += 1
-        self._tmp = self.directory / (name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        tmp = self._publish.enter_context(atomic_file(self._shard))
+        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
         self._count, self._bytes, self._keys = 0, 0, set()
 
     def _finish(self) -> None:
         if self._tar is None:
             return
         self._tar.close()
-        final = self._tmp.with_suffix("")  # drop ".tmp"
-        os.replace(self._tmp, final)
-        self.shards.append(final)
-        self._tar, self._tmp = None, None
+        self._publish.close()  # renames the temporary to the shard
+        self.shards.append(self._shard)
+        self._tar = None
 
     def close(self) -> list[Path]:
         """Publish the last shard; returns every shard written."""
@@ -217,8 +222,8 @@ def _expand_braces(pattern: str) -> list[str]:
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard paths from a folder, a glob, a brace pattern (``x-{000..009}.tar``) or a list.
 
-    A folder means every ``*.tar`` in it (sorted). Half-written ``.tar.tmp`` files are
-    never listed. Raises ``FileNotFoundError`` when a spec matches nothing.
+    A folder means every ``*.tar`` in it (sorted). Half-written shards (hidden
+    ``.NAME.tar.tmp-*`` temporaries) are never listed. Raises ``FileNotFoundError`` when a spec matches nothing.
 
     Example:
         >>> expand_shards("data/caps-{000..001}.tar")  # doctest: +SKIP
