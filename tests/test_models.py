@@ -82,6 +82,7 @@ def test_vision_tokens_are_l2_normalised(tiny):
 def test_save_load_roundtrip_is_bit_exact(tiny, tmp_path):
     model, proc = tiny
     model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temporaries
     again = KosmosG.from_pretrained(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k

@@ -125,6 +125,8 @@ def test_stage_trains_only_its_parts_and_exports_a_strict_folder(world, runs, st
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert (out / "checkpoints" / "step-00000006").is_dir() and (out / "recipe.yaml").is_file()
+    leftovers = [p for folder in (out, out / "checkpoints") for p in folder.iterdir() if p.name.startswith(".")]
+    assert not leftovers, "temporary folders left behind"
 
 
 def test_stage2_keeps_reconstruction_apart(runs):
@@ -361,7 +363,7 @@ def test_only_complete_checkpoints_count(tmp_path):
 
     root = tmp_path / "checkpoints"
     for name, complete in (("step-00000002", True), ("step-00000004", True), ("step-00000006.tmp", True),
-                           ("step-00000008", False)):
+                           (".step-00000007.tmp-x1y2", True), ("step-00000008", False)):
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / STATE_FILE).write_text("{}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import KosmosGConfig, get_preset
+from ..fileio import atomic_file
 from .aligner import AlignerNet
 from .mllm import build_mllm
 from .resampler import Resampler
@@ -133,12 +134,11 @@ class KosmosG(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path: str | os.PathLike, *, only: list[str] | None = None,
-                        dtype: torch.dtype | str | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` to a folder.
 
         ``dtype`` casts the saved floating-point weights (e.g. ``"fp16"`` to halve a
-        shipped checkpoint).
+        shipped checkpoint). The weights file appears whole or not at all.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -153,9 +153,8 @@ class KosmosG(nn.Module):
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             state[name] = tensor.contiguous().cpu()
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "library": "kosmos-g"})
-        os.replace(tmp, path / WEIGHTS_NAME)
+        with atomic_file(path / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "library": "kosmos-g"})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,

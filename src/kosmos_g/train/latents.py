@@ -19,6 +19,8 @@ from urllib.parse import quote
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_file, atomic_write_text
+
 META = "meta.json"
 
 
@@ -37,10 +39,8 @@ class LatentCache:
                     f"Latent cache {self.directory} was made for {found}, not {self.signature}; "
                     "use another stage3.latent_cache folder."
                 )
-        else:
-            tmp = meta.with_name(f"{META}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.signature, indent=2))
-            os.replace(tmp, meta)
+        else:  # processes sharing the cache may all write it; each rename is whole
+            atomic_write_text(meta, json.dumps(self.signature, indent=2))
 
     def path(self, source: str, key: str) -> Path:
         return self.directory / quote(source, safe="") / (quote(key, safe="") + ".safetensors")
@@ -55,8 +55,5 @@ class LatentCache:
             return None
 
     def put(self, source: str, key: str, params: torch.Tensor) -> None:
-        path = self.path(source, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"params": params.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(self.path(source, key)) as tmp:
+            save_file({"params": params.detach().float().cpu().contiguous()}, str(tmp))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import KosmosGConfig, get_preset
+from ..fileio import atomic_dir
 from ..models import KosmosG
 from ..models.kosmos_g import CONFIG_NAME, WEIGHTS_NAME, resolve_dtype
 from ..processing import KosmosGProcessor
@@ -169,7 +169,8 @@ def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.
     """Write an inference folder that ``KosmosG.from_pretrained`` loads strictly.
 
     AlignerNet's N (stage 2) is left out and the config says ``reconstruction: false``.
-    Written to ``<path>.tmp`` and renamed, so a crash never leaves a half export.
+    Written to a temporary folder beside ``path`` and renamed, so a crash never leaves a half
+    export; an existing ``path`` is replaced once the new folder is complete.
     """
     path = Path(path)
     dtype = resolve_dtype(dtype)
@@ -185,13 +186,9 @@ def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.
         out.load_state_dict_strict(state, assign=True)
     else:
         out = model
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.save_pretrained(tmp, dtype=dtype)
-    processor.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_dir(path, replace=True) as tmp:
+        out.save_pretrained(tmp, dtype=dtype)
+        processor.save_pretrained(tmp)
     return path
 
 

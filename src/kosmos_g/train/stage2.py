@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..data.shards import BadSample, validate_sample
+from ..fileio import atomic_file
 from ..processing import KosmosGProcessor, ProcessedPrompt
 from .base import Stage
 from .data import SampleFiltered
@@ -156,8 +157,6 @@ class Stage2(Stage):
         out = super().export(state, path)
         if self.recipe.stage2.keep_reconstruction:
             keep = path.with_name(path.name + "-reconstruction")
-            keep.mkdir(parents=True, exist_ok=True)
-            tmp = keep / (RECONSTRUCTION_FILE + ".tmp")
-            save_file(reconstruction_state(self.model), str(tmp))
-            tmp.replace(keep / RECONSTRUCTION_FILE)
+            with atomic_file(keep / RECONSTRUCTION_FILE) as tmp:
+                save_file(reconstruction_state(self.model), str(tmp))
         return out

@@ -11,7 +11,7 @@ file adds what a long run needs on top:
   tied to a sample (dropout), so a resumed run repeats an uninterrupted one;
 - checkpoints every N steps: trainable weights, optimizer, LR schedule, RNG states
   (accelerate's ``save_state``) plus ``trainer_state.json`` (step, every data stream's
-  position), written to ``step-XXXXXXXX.tmp`` and renamed when complete;
+  position), written to a hidden temporary folder and renamed to ``step-XXXXXXXX`` when complete;
 - CSV + TensorBoard logs and a tqdm bar with loss and samples/s;
 - the final export: a ``KosmosG.from_pretrained`` folder with the processor.
 
@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_dir
 from .data import StreamLoader, counters, to_device
 from .recipe import Recipe
 from .schedules import warmup_decay
@@ -61,7 +63,7 @@ def _stage_class(name: str):
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root`` (``.tmp`` folders never count)."""
+    """The newest complete checkpoint folder under ``root`` (temporary folders never count)."""
     if not root.is_dir():
         return None
     found = sorted((int(m.group(1)), p) for p in root.iterdir()
@@ -233,27 +235,28 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        from accelerate.utils import gather_object
+        """Write ``step-XXXXXXXX`` (an existing one of the same step is replaced): every process
+        saves its part into one temporary folder, which the main process renames when complete."""
+        from accelerate.utils import broadcast_object_list, gather_object
 
         acc = self.accelerator
         final = self.ckpt_root / f"step-{self.step:08d}"
-        tmp = self.ckpt_root / f"step-{self.step:08d}.tmp"
         positions = gather_object([self.position]) if acc.num_processes > 1 else [self.position]
+        with contextlib.ExitStack() as main_only:
+            folder: list[str | None] = [None]
+            if acc.is_main_process:
+                folder[0] = str(main_only.enter_context(atomic_dir(final, replace=True)))
+            broadcast_object_list(folder)  # the temporary's name, from the main process to every other
+            tmp = Path(folder[0])
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
+            if acc.is_main_process:
+                merged = {str(k): v for pos in positions for k, v in pos.items()}
+                state = {"stage": self.stage_name, "step": self.step, "samples": self.samples,
+                         "num_streams": self.num_streams, "world_size": acc.num_processes, "position": merged,
+                         "recipe": self.recipe.to_dict()}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
-        if acc.is_main_process:
-            merged = {str(k): v for pos in positions for k, v in pos.items()}
-            state = {"stage": self.stage_name, "step": self.step, "samples": self.samples,
-                     "num_streams": self.num_streams, "world_size": acc.num_processes, "position": merged,
-                     "recipe": self.recipe.to_dict()}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             self._prune()
         acc.wait_for_everyone()
         return final
