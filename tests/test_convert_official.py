@@ -483,6 +483,8 @@ def test_dtype_and_overwrite(official, tmp_path):
         convert_official(official.ckpt, official.dict, official.spm, out)
     convert_official(official.ckpt, official.dict, official.spm, out, dtype="bf16", overwrite=True)
     assert next(iter(load_file(str(out / "model.safetensors")).values())).dtype == torch.bfloat16
+    (tmp_path / "empty").mkdir()  # an existing empty folder is filled without overwrite=True
+    assert (convert_official(official.ckpt, official.dict, official.spm, tmp_path / "empty") / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 

@@ -35,9 +35,7 @@ import math
 import os
 import pickle
 import re
-import shutil
 import types
-import uuid
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -50,6 +48,7 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 
 from ..config import KosmosGConfig, get_preset, list_presets
+from ..fileio import atomic_dir
 from ..models.kosmos_g import KosmosG, resolve_dtype
 from ..processing import KosmosGProcessor
 from ..tokenizer import FairseqTokenizer
@@ -730,17 +729,8 @@ def convert_official(
         model = KosmosG(config)
     model.load_state_dict_strict(state, assign=True)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        logger.info("Writing %s", out_dir)
+    logger.info("Writing %s", out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:  # checked above: absent, empty, or overwrite=True
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            os.rename(out_dir, old)  # checked above: empty, or overwrite=True
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out_dir
