@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from kosmos_g.kernels import largest_attention_map, use_matmul_attention_if_small
-from kosmos_g.micro import standins as S
+from kosmos_g.micro import sd as micro_sd
 
 
 def _processors(unet) -> set[type]:
@@ -24,7 +24,7 @@ def _sd_like_unet() -> UNet2DConditionModel:
 
 
 def test_largest_attention_map_reads_the_config():
-    micro = S.micro_unet(S.SMOKE_UNET, cross_attention_dim=8)  # attention at level 2 of 32 px
+    micro = micro_sd.micro_unet(micro_sd.SMOKE_UNET, cross_attention_dim=8)  # attention at level 2 of 32 px
     assert largest_attention_map(micro) == 8 * 8
     assert largest_attention_map(_sd_like_unet()) == 64 * 64
     no_attention = UNet2DConditionModel(sample_size=16, block_out_channels=(8, 8), layers_per_block=1,
@@ -36,7 +36,7 @@ def test_largest_attention_map_reads_the_config():
 
 def test_small_maps_get_matmul_attention_with_the_same_outputs():
     torch.manual_seed(0)
-    unet = S.micro_unet(S.SMOKE_UNET, cross_attention_dim=8).eval()
+    unet = micro_sd.micro_unet(micro_sd.SMOKE_UNET, cross_attention_dim=8).eval()
     assert _processors(unet) == {AttnProcessor2_0}
     x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.randn(2, 5, 8)
     with torch.no_grad():
@@ -60,8 +60,8 @@ def test_micro_loaders_pick_matmul_attention(loader):
 
     models = embedded_models()
     if loader == "load_micro_sd":
-        unet = S.load_micro_sd(models / "sd").unet
-        assert S.load_micro_sd(models / "sd").text_encoder.dtype == torch.float32  # stored fp16
+        unet = micro_sd.load_micro_sd(models / "sd").unet
+        assert micro_sd.load_micro_sd(models / "sd").text_encoder.dtype == torch.float32  # stored fp16
     else:
         from kosmos_g.pipeline import KosmosGPipeline
 

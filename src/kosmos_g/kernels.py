@@ -3,7 +3,7 @@ U-Net, and whether a CPU computes in bfloat16 natively.
 
 PyTorch's fused ``scaled_dot_product_attention`` never builds the attention matrix, which is
 what SD1.5's 4096-token maps need; on the micro world's 8x8 maps (64 tokens) its CPU kernels
-cost more than two plain matmuls and a softmax (docs/micro-notes.md, session 20: 28% of a
+cost more than two plain matmuls and a softmax (docs/micro-world.md: 28% of a
 float32 generation call at batch 1; under bfloat16 autocast a U-Net pass takes 1.5x as long).
 :func:`use_matmul_attention_if_small` picks the matmul path for U-Nets whose largest
 attention map is small and leaves every other U-Net as diffusers built it.
