@@ -446,7 +446,8 @@ def test_parity_with_reference_forward(official, converted, tmp_path):
         ref = reference_encode(official.sd, expected_ids, expected_mask, batch["pixel_values"])
         assert ours.shape == (2, ACOND, AW)
         torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)
-    assert load_file(str(converted / "model.safetensors")).keys() == load_file(str(api_out / "model.safetensors")).keys()
+    weights = "model.safetensors"
+    assert load_file(str(converted / weights)).keys() == load_file(str(api_out / weights)).keys()
 
 
 def test_converted_config_and_round_trip(official, converted, tmp_path):

@@ -116,7 +116,8 @@ def test_strict_loading_lists_missing_and_unexpected(tiny, tmp_path):
     state.pop("aligner.queries")
     state["aligner.bogus"] = torch.zeros(1)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"(?s)missing keys \(1\): \['aligner.queries'\].*unexpected keys \(1\): \['aligner.bogus'\]"):
+    with pytest.raises(ValueError, match=r"(?s)missing keys \(1\): \['aligner.queries'\]"
+                                         r".*unexpected keys \(1\): \['aligner.bogus'\]"):
         KosmosG.from_pretrained(tmp_path)
 
 

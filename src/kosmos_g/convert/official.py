@@ -598,7 +598,8 @@ def convert_official_state_dict(
     match no preset, and is then checked against the shapes.
 
     Example:
-        >>> state, config = convert_official_state_dict(load_official_checkpoint("checkpoint_final.pt"))  # doctest: +SKIP
+        >>> ckpt = load_official_checkpoint("checkpoint_final.pt")  # doctest: +SKIP
+        >>> state, config = convert_official_state_dict(ckpt)  # doctest: +SKIP
         >>> config == get_preset("kosmos-g")  # doctest: +SKIP
         True
     """
