@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, atomic_write_text
 from .data import StreamLoader, counters, to_device
 from .recipe import Recipe
 from .schedules import warmup_decay
@@ -334,7 +334,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(recipe.dump())
+            atomic_write_text(self.out / "recipe.yaml", recipe.dump())
         self._open_logs(resumed=resume is not None)
         self.stage.before_training()
         self.stage.train_mode()
