@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from kosmos_g.kernels import cpu_has_native_bf16
-    from kosmos_g.micro.standins import SD_SIZE, micro_unet
+    from kosmos_g.fileio import atomic_write_text
+    from kosmos_g.micro.sd import SD_SIZE, micro_unet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                   k: round(v["sdpa-fp32"] / v["matmul-bf16"], 3) for k, v in results.items()},
               "cpu_has_native_bf16": cpu_has_native_bf16(),
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from kosmos_g.cli import main as cli_main
-from kosmos_g import micro
 from kosmos_g.micro import evaluate as E
 
 MODELS = E.embedded_models()
@@ -41,7 +40,7 @@ def test_generate_cli_uses_the_embedded_model_by_default(tmp_path, capsys):
                      "--seed", "1", "-q", "-o", str(tmp_path)])
     assert code == 0
     sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert sidecar["settings"]["steps"] == micro.SAMPLING_STEPS == 14 and sidecar["settings"]["guidance"] == 3.0
+    assert sidecar["settings"]["steps"] == 14 and sidecar["settings"]["guidance"] == 3.0  # its generation_config
     from PIL import Image
 
     image = np.asarray(Image.open(next(tmp_path.glob("*.png"))))

@@ -1,4 +1,5 @@
-"""`kosmos-g micro train-all --smoke`, the pixel-space paths it needs, and micro DreamBench's pieces."""
+"""`kosmos-g micro train-all --smoke`, the packaged micro recipes, the pixel-space paths they need,
+and micro DreamBench's pieces."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 
 from kosmos_g.cli import main as cli_main
 from kosmos_g.kernels import resolve_precision
+from kosmos_g.micro import CHECKPOINTS
 from kosmos_g.micro import evaluate as E
 from kosmos_g.micro import world
 from kosmos_g.micro.world import ObjectSpec, Scene
@@ -22,53 +24,49 @@ from kosmos_g.micro.world import ObjectSpec, Scene
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("micro") / "run"
     torch.set_num_threads(1)
-    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress"]) == 0
+    assert cli_main(["micro", "train-all", "-o", str(out), "--smoke", "--no-progress"]) == 0
     return out
 
 
 def test_train_all_smoke_runs_every_step_and_resumes(smoke_run):
+    from safetensors import safe_open
+
+    from kosmos_g.generation_config import GenerationConfig
+
     record = json.loads((smoke_run / "train_all.json").read_text())
     if (os.cpu_count() or 1) >= 2:  # micro-SD trained in a child process beside stages 1-2
         assert record["micro_sd_parallel_with_stages_1_2"] is True
         # stages 1-2 on one thread beside it, stage 3 as 2 data-parallel processes (accelerate launch)
         assert record["stage_processes"] == {"stage1": 1, "stage2": 1, "stage3": 2}
-    assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-clip-dense", "micro-sd", "shards", "stage1",
-                                      "stage2", "stage3", "release"}
-    # micro-CLIP's second phase: the vision tower stages 1-3 read and the release ships
-    assert json.loads((smoke_run / "clip-dense" / "train_log.json").read_text())["recipe"]["steps"] == 2
+        assert (smoke_run / "stage3.yaml").is_file()  # the recipe the launched processes read
+    assert set(record["seconds"]) == {"tokenizer", "micro-clip", "micro-sd", "shards", "stage1", "stage2", "stage3",
+                                      "release"}
     stage1 = yaml.safe_load((smoke_run / "stage1" / "recipe.yaml").read_text())
-    assert stage1["model"]["vision_init"] == str(smoke_run / "clip-dense" / "vision")
-    from safetensors.torch import load_file
-
-    shipped = load_file(str(smoke_run / "release" / "clip" / "model.safetensors"))
-    dense = load_file(str(smoke_run / "clip-dense" / "clip" / "model.safetensors"))
-    assert shipped.keys() == dense.keys() and all(torch.equal(shipped[k], dense[k].half()) for k in dense)
-    # micro-SD is three runs, each continuing from the U-Net of the one before
-    runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"]
-            for name in ("sd-phase1", "sd-phase2", "sd")]
+    assert stage1["model"]["vision_init"] == str(smoke_run / "clip" / "vision")
+    # micro-SD is two runs, the second continuing from the U-Net of the first
+    runs = [json.loads((smoke_run / name / "train_log.json").read_text())["recipe"] for name in ("sd-phase1", "sd")]
     assert [(r["steps"], r["seed"], r["resumed_from"]) for r in runs] == [
-        (3, 0, None), (2, 1, str(smoke_run / "sd-phase1" / "unet")), (1, 1, str(smoke_run / "sd-phase2" / "unet"))]
-    assert {(r["lr"], r["warmup"]) for r in runs[1:]} == {(5e-4, 50)}
+        (3, 0, None), (2, 1, str(smoke_run / "sd-phase1" / "unet"))]
+    assert (runs[1]["lr"], runs[1]["warmup"]) == (5e-4, 50)
     # each run shares the cores with stages 1-2 while they run, and takes them all after
-    # (test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done)
     assert {r["threads"] for r in runs} <= {1, min(2, os.cpu_count() or 1)}
-    precision = resolve_precision("auto")  # the budget's unet_precision, as this machine resolves it
-    assert {r["precision"] for r in runs} == {precision}
+    assert {r["precision"] for r in runs} == {resolve_precision("auto")}
     assert yaml.safe_load((smoke_run / "stage3" / "recipe.yaml").read_text())["stage3"]["unet_precision"] == "auto"
     for stage in ("stage1", "stage2", "stage3"):
         summary = json.loads((smoke_run / stage / "final" / "config.json").read_text())
-        assert summary["aligner"]["output_dim"] == 64  # the micro preset, trained by the project's CLI
-        assert (smoke_run / stage / "logs").is_dir() or any((smoke_run / stage).iterdir())
+        assert summary["aligner"]["output_dim"] == 64  # micro-CLIP's text width
+        assert summary["resampler"]["local_queries"] is True
     release = smoke_run / "release"
     assert {p.name for p in release.iterdir()} == {"kosmos-g", "kosmos-g-stage2", "sd", "clip", "examples"}
+    for name in ("kosmos-g", "kosmos-g-stage2"):  # each model carries its sampling defaults
+        assert GenerationConfig.from_pretrained(release / name) == GenerationConfig.from_pretrained(
+            CHECKPOINTS / name) == GenerationConfig(num_inference_steps=14, guidance_scale=3.0, scheduler="dpm++")
     weights = release / "kosmos-g" / "model.safetensors"
-    from safetensors import safe_open
-
     with safe_open(str(weights), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     # a second run finds every step done and retrains nothing
     stamp = weights.stat().st_mtime_ns
-    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress"]) == 0
+    assert cli_main(["micro", "train-all", "--output-dir", str(smoke_run), "--smoke", "--no-progress"]) == 0
     assert weights.stat().st_mtime_ns == stamp
 
 
@@ -78,20 +76,18 @@ def test_train_all_on_given_standins_trains_only_stages_1_to_3(smoke_run, tmp_pa
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPVisionModel
 
-    from kosmos_g.micro.standins import load_micro_sd
+    from kosmos_g.micro.sd import load_micro_sd
 
     out = tmp_path / "run"
     out.mkdir()
     for name in ("tokenizer", "shards", "stage1", "stage2"):  # the smoke run's; only stage 3 and the release run
         (out / name).symlink_to(smoke_run / name)
-    shipped = E.embedded_models()
-    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress", "--standins", "shipped"]) == 0
+    assert cli_main(["micro", "train-all", "-o", str(out), "--smoke", "--no-progress", "--standins", "shipped"]) == 0
     record = json.loads((out / "train_all.json").read_text())
-    assert record["standins"] == str(shipped.resolve())
+    assert record["standins"] == str(CHECKPOINTS.resolve())
     assert record["seconds"]["micro-clip"] == 0.0 and record["seconds"]["micro-sd"] == 0.0
     assert not (out / "sd-phase1").exists()
-    assert not (out / "clip-dense").exists() and "micro-clip-dense" not in record["seconds"]  # used as given
-    clip = CLIPModel.from_pretrained(shipped / "clip")
+    clip = CLIPModel.from_pretrained(CHECKPOINTS / "clip")
     vision = CLIPVisionModel.from_pretrained(out / "clip" / "vision")
     assert vision.dtype == torch.float32
     theirs, ours = clip.vision_model.state_dict(), getattr(vision, "vision_model", vision).state_dict()
@@ -102,12 +98,12 @@ def test_train_all_on_given_standins_trains_only_stages_1_to_3(smoke_run, tmp_pa
     ours = sd.unet.state_dict()
     assert all(torch.equal(t, ours[k].half()) for k, t in released.items())  # the shipped U-Net, round trip exact
     before = (out / "train_all.json").read_bytes()
-    assert cli_main(["micro", "train-all", "--out", str(out), "--smoke", "--no-progress",
+    assert cli_main(["micro", "train-all", "-o", str(out), "--smoke", "--no-progress",
                      "--standins", str(smoke_run / "release")]) == 2
-    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
+    assert cli_main(["micro", "train-all", "-o", str(smoke_run), "--smoke", "--no-progress",
                      "--standins", "shipped"]) == 2  # micro-CLIP and micro-SD were trained there
     assert (out / "train_all.json").read_bytes() == before
-    assert cli_main(["micro", "train-all", "--out", str(tmp_path / "new"), "--smoke", "--no-progress",
+    assert cli_main(["micro", "train-all", "-o", str(tmp_path / "new"), "--smoke", "--no-progress",
                      "--standins", str(tmp_path)]) == 2  # not a release folder
     assert not (tmp_path / "new" / "clip").exists()
 
@@ -130,161 +126,114 @@ def test_micro_sd_runs_take_every_thread_once_stages_1_2_are_done(smoke_run, tmp
     out.mkdir()
     (out / "clip").symlink_to(smoke_run / "clip")
     try:
-        event = _Event(after=4)  # set from the 5th step on: the second run's second (the first run has 3)
-        _train_sd_process(str(out), SMOKE, False, 2, event)
+        event = _Event(after=3)  # set from the 4th step on: the second run's first (the first run has 3)
+        _train_sd_process(str(out), SMOKE.sd, "fp32", False, 2, event)
     finally:
         torch.set_num_threads(n)
-    runs = [json.loads((out / name / "train_log.json").read_text())["recipe"] for name in ("sd-phase1", "sd-phase2", "sd")]
-    assert [r["threads"] for r in runs] == [1, 2, 2]
-    assert event.calls == 6  # asked before every step (3 + 2 + 1), never after
+    runs = [json.loads((out / name / "train_log.json").read_text())["recipe"] for name in ("sd-phase1", "sd")]
+    assert [r["threads"] for r in runs] == [1, 2]
+    assert event.calls == 5  # asked before every step (3 + 2), never after
 
 
-def test_budget_attention_heads_shape_every_micro_sd_run(smoke_run, tmp_path):
-    """``Budget(sd_attention_heads=)`` builds the first run's U-Net with that many heads; the
-    continuations train that U-Net on, and every run's log records the layout it really has."""
-    from kosmos_g.micro.train_all import SMOKE, train_sd
+def test_every_micro_sd_run_keeps_the_layout_the_first_one_built(smoke_run, tmp_path):
+    """The recipe's U-Net sizes build the first run's U-Net; the continuation trains that U-Net
+    on, and every run's log records the layout it really has."""
+    from kosmos_g.micro.sd import SMOKE_UNET, train_micro_sd
+    from kosmos_g.micro.train_all import SMOKE
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "clip").symlink_to(smoke_run / "clip")
-    train_sd(out, replace(SMOKE, sd_attention_heads=8), progress=False)
-    for name in ("sd-phase1", "sd-phase2", "sd"):
-        unet = json.loads((out / name / "unet" / "config.json").read_text())
-        logged = json.loads((out / name / "train_log.json").read_text())["recipe"]["sizes"]
+    eight = replace(SMOKE.sd, sizes=replace(SMOKE_UNET, attention_head_dim=8))
+    train_micro_sd(tmp_path / "sd", smoke_run / "clip", eight, progress=False)
+    for name in ("sd-phase1", "sd"):
+        unet = json.loads((tmp_path / name / "unet" / "config.json").read_text())
+        logged = json.loads((tmp_path / name / "train_log.json").read_text())["recipe"]["sizes"]
         assert unet["attention_head_dim"] == logged["attention_head_dim"] == 8, name
     default = json.loads((smoke_run / "sd" / "unet" / "config.json").read_text())
-    assert default["attention_head_dim"] == SMOKE.sd_attention_heads == 4
+    assert default["attention_head_dim"] == SMOKE.sd.sizes.attention_head_dim
 
 
-@pytest.mark.parametrize("field, before", [("sd_attention_heads", 32), ("clip_dense_steps", 0)])
-def test_a_record_from_before_a_budget_field_resumes_under_its_default(smoke_run, tmp_path, field, before):
-    """A run folder written before a Budget field existed (``sd_attention_heads``, whose value
-    before was 32; ``clip_dense_steps``, 0) is resumed by a budget whose field has the value it
-    had before (nothing retrained), and refused by the default one: the record says what its
-    run was trained with."""
-    import shutil
-
-    from kosmos_g.micro.train_all import BEFORE_FIELDS, SMOKE, train_all
-
-    assert BEFORE_FIELDS[field] == before
-    out = tmp_path / "run"
-    shutil.copytree(smoke_run, out, symlinks=True)
-    record = json.loads((out / "train_all.json").read_text())
-    del record["budget"][field]
-    (out / "train_all.json").write_text(json.dumps(record))
-    weights = out / "release" / "kosmos-g" / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    train_all(out, budget=replace(SMOKE, **{field: before}), progress=False)
-    assert weights.stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match=rf"differing: \['{field}'\]"):
-        train_all(out, smoke=True, progress=False)
-
-
-@pytest.mark.parametrize("field", ["sd_cond_noise", "sd_position_word_mix"])
-def test_a_record_with_a_removed_field_resumes_only_if_it_was_off(smoke_run, tmp_path, field):
-    """A run folder from before a Budget field was removed records it: at its "off" value the
-    run resumes (nothing retrained); trained with it on, it is refused by name, not finished
-    under a recipe it was not started with."""
-    import shutil
-
-    from kosmos_g.micro.train_all import train_all
-
-    out = tmp_path / "run"
-    shutil.copytree(smoke_run, out, symlinks=True)
-    record = json.loads((out / "train_all.json").read_text())
-    record["budget"][field] = 0.0
-    (out / "train_all.json").write_text(json.dumps(record))
-    weights = out / "release" / "kosmos-g" / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-    train_all(out, smoke=True, progress=False)
-    assert weights.stat().st_mtime_ns == stamp
-    record["budget"][field] = 0.5
-    (out / "train_all.json").write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=rf"started with {field}=0.5, an experiment train-all no longer has"):
-        train_all(out, smoke=True, progress=False)
-
-
-def test_train_all_refuses_to_resume_a_folder_under_another_budget(smoke_run, capsys):
+def test_train_all_refuses_to_resume_a_folder_under_another_recipe(smoke_run, capsys):
     """A folder trained with micro-CLIP's binding loss is not silently finished without it:
     the finished steps would be mixed into a run of another recipe."""
-    record = (smoke_run / "train_all.json").read_bytes()
-    code = cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
-                     "--clip-bind-weight", "0"])
-    assert code == 2
-    assert "clip_bind_weight" in capsys.readouterr().err
-    assert (smoke_run / "train_all.json").read_bytes() == record
-
+    from kosmos_g.micro.sd import SDRun
     from kosmos_g.micro.train_all import SMOKE, train_all
 
-    with pytest.raises(ValueError, match=r"differing: \['sd_continue_steps', 'sd_steps'\]"):
-        train_all(smoke_run, budget=replace(SMOKE, sd_steps=1, sd_continue_steps=(1, 1, 1)), progress=False)
-    assert (smoke_run / "train_all.json").read_bytes() == record
-    with pytest.raises(ValueError, match="clip_bind_weight=-1"):
-        train_all(smoke_run / "never", smoke=True, clip_bind_weight=-1.0)
-    assert cli_main(["micro", "train-all", "--out", str(smoke_run), "--smoke", "--no-progress",
+    record = (smoke_run / "train_all.json").read_bytes()
+    assert cli_main(["micro", "train-all", "-o", str(smoke_run), "--smoke", "--no-progress",
+                     "--clip-bind-weight", "0"]) == 2
+    assert "differing: ['recipe.clip.bind_weight']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"differing: \['recipe.sd.runs'\]"):
+        train_all(smoke_run, replace(SMOKE, sd=replace(SMOKE.sd, runs=(SDRun(1),))), progress=False)
+    assert cli_main(["micro", "train-all", "-o", str(smoke_run), "--smoke", "--no-progress",
                      "--unet-precision", "fp32"]) == 2  # the smoke run was started with "auto"
     assert "differing: ['unet_precision']" in capsys.readouterr().err
     assert (smoke_run / "train_all.json").read_bytes() == record
+    assert cli_main(["micro", "train-all", "-o", str(smoke_run / "never"), "--smoke", "--clip-bind-weight", "-1"]) == 2
+    assert "--clip-bind-weight -1.0 must be >= 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"precision='fp16' is unknown; use one of \['fp32', 'bf16', 'auto'\]"):
-        train_all(smoke_run / "never", smoke=True, unet_precision="fp16")
+        train_all(smoke_run / "never", SMOKE, unet_precision="fp16")
     assert not (smoke_run / "never").exists()
 
 
-def test_budget_local_queries_and_cell_labels_reach_stage1(smoke_run, tmp_path):
-    """The recipe's ``Budget(local_queries=, cell_label_weight=)`` (on in the shipped recipe and
-    in ``--smoke``) trains stage 1 (the project's CLI, on the
-    world's caption shards) with local resampler queries and the per-cell loss on every
-    attribute the world labels; the export keeps the local queries for stages 2-3."""
-    import yaml
-
-    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
-
-    overrides = [o for o in _stage_overrides("stage1", smoke_run, SMOKE, False) if not o.startswith("train.output_dir")]
-    assert cli_main(["train", "stage1", "--config", "micro-stage1", *overrides,
-                     f"train.output_dir={tmp_path / 'stage1'}"]) == 0
-    config = json.loads((tmp_path / "stage1" / "final" / "config.json").read_text())
-    assert config["resampler"]["local_queries"] is True
-    recipe = yaml.safe_load((tmp_path / "stage1" / "recipe.yaml").read_text())
-    assert recipe["stage1"]["cell_label_weight"] == 4.0
-    assert recipe["stage1"]["cell_classes"] == {"shape": len(world.SHAPES), "color": len(world.COLORS),
-                                                "pattern": len(world.PATTERNS)}
-    assert recipe["stage1"]["cells"] == len(world.POSITIONS)
-    # both off: the official design (global queries), no per-cell loss
-    off = _stage_overrides("stage1", smoke_run, replace(SMOKE, local_queries=False, cell_label_weight=0.0), False)
-    assert not [o for o in off if "local_queries" in o or o.startswith("stage1.")]
+SHIPPED_TRAINING = {
+    "stage1": {"model.preset": "micro", "model.config": {"resampler.local_queries": True},
+               "stage1.cell_label_weight": 4.0, "stage1.cell_classes": {"shape": 8, "color": 8, "pattern": 4},
+               "stage1.cells": 9, "train.max_steps": 3600, "data.batch_size": 32, "optim.lr": 1e-3},
+    "stage2": {"stage2.max_clip_tokens": 38, "stage2.max_mllm_tokens": 64, "train.max_steps": 5000,
+               "data.batch_size": 64, "optim.lr": 1e-3},
+    "stage3": {"stage3.resolution": 32, "stage3.entity_replace_prob": 0.9, "stage3.caption_drop": 0.9,
+               "stage3.foreground_weight": 5.0, "stage3.text_align_weight": 1.0, "stage3.unet_precision": "auto",
+               "train.max_steps": 4000, "data.batch_size": 32, "optim.lr": 5e-4},
+}
+"""Every option, beyond each stage's defaults, that the shipped micro Kosmos-G was trained with."""
 
 
-def test_budget_stage3_cell_labels_read_the_edit_shards_source_labels(smoke_run):
-    """``Budget(stage3_cell_label_weight=)`` turns on stage 3's per-cell loss over every
-    attribute the world labels, and the edit shards train-all writes carry the labels of
-    each source scene (the cells of the picture the prompt shows)."""
-    from kosmos_g.data.shards import expand_shards, iter_shards
-    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
-    from kosmos_g.train.recipe import load_recipe
+def test_the_packaged_micro_recipes_train_the_shipped_model_through_the_cli(smoke_run, tmp_path):
+    """``kosmos-g train stageN --config micro-stageN`` with only the paths (and, to be quick, the
+    length) changed: the recipes hold every option the shipped model was trained with, and the
+    three stages on the shipped stand-ins build a model of exactly the shipped architecture."""
+    from kosmos_g.micro.train_all import SHARD_SETS, copy_standins
 
-    on = _stage_overrides("stage3", smoke_run, replace(SMOKE, stage3_cell_label_weight=2.0), False)
-    recipe = load_recipe("micro-stage3", on)
-    recipe.validate("stage3")
-    assert recipe.stage3.cell_label_weight == 2.0 and recipe.stage3.cells == len(world.POSITIONS)
-    assert recipe.stage3.cell_classes == {name: len(v) for name, v in world.CELL_ATTRIBUTES.items()}
-    assert not [o for o in _stage_overrides("stage3", smoke_run, SMOKE, False) if "cell" in o]
-    for raw in iter_shards(expand_shards(smoke_run / "shards" / "stage3-edit")):
-        meta = json.loads(raw["json"])
-        shapes = meta["src_cell_labels"]["shape"]
-        assert len(shapes) == len(world.POSITIONS) and 1 <= sum(s is not None for s in shapes) <= world.MAX_OBJECTS
+    copy_standins(CHECKPOINTS, tmp_path)  # the shipped micro-CLIP and micro-SD, float32
+    quick = ["train.max_steps=2", "optim.warmup_steps=1", "checkpoint.every=2", "data.batch_size=4",
+             "log.progress=false"]
+    paths = {"stage1": [f"model.tokenizer={CHECKPOINTS / 'kosmos-g' / 'tokenizer'}",
+                        f"model.vision_init={tmp_path / 'clip' / 'vision'}"],
+             "stage2": [f"model.init={tmp_path / 'stage1' / 'final'}", f"stage2.clip_path={tmp_path / 'clip'}"],
+             "stage3": [f"model.init={tmp_path / 'stage2' / 'final'}", f"stage3.sd_path={tmp_path / 'sd'}"]}
+    for stage, expected in SHIPPED_TRAINING.items():
+        packaged = yaml.safe_load(cli_recipe(stage))
+        names = [source["name"] for source in packaged["data"]["sources"]]
+        shards = [f"data.sources.{names.index(spec.source)}.shards={smoke_run / 'shards' / folder}"
+                  for folder, spec in SHARD_SETS.items() if spec.stage == stage]
+        for key, value in expected.items():
+            section, _, name = key.partition(".")
+            assert packaged[section][name] == value, (stage, key)
+        assert cli_main(["train", stage, "--config", f"micro-{stage}", "-o", str(tmp_path / stage),
+                         *paths[stage], *shards, *quick]) == 0
+    ours = json.loads((tmp_path / "stage3" / "final" / "config.json").read_text())
+    assert ours == json.loads((CHECKPOINTS / "kosmos-g" / "config.json").read_text())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def cli_recipe(stage: str) -> str:
+    """The packaged recipe as ``kosmos-g train STAGE --config micro-STAGE --print-config`` prints it."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert cli_main(["train", stage, "--config", f"micro-{stage}", "--print-config"]) == 0
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto", None])
 def test_every_unet_precision_reaches_a_valid_stage3_recipe(smoke_run, precision):
     """``--unet-precision`` (each of kernels.PRECISIONS) becomes ``stage3.unet_precision`` in a
-    recipe stage 3 accepts (an fp32 budget once wrote a value the recipe refused)."""
-    from kosmos_g.micro.train_all import SMOKE, _stage_overrides
-    from kosmos_g.train.recipe import load_recipe
+    recipe stage 3 accepts; without it the packaged recipe's own value stays."""
+    from kosmos_g.micro.train_all import SMOKE, stage_recipe
 
-    recipe = load_recipe("micro-stage3", _stage_overrides("stage3", smoke_run, replace(SMOKE, unet_precision=precision),
-                                                           False))
-    recipe.validate("stage3")
-    assert recipe.stage3.unet_precision == precision
+    recipe = stage_recipe("stage3", smoke_run, SMOKE, unet_precision=precision, progress=False)
+    assert recipe.stage3.unet_precision == (precision or "auto")
+    assert recipe.train.max_steps == 2 and recipe.stage3.sd_path == str(smoke_run / "sd")
 
 
 def test_stage3_pixel_space_matches_the_shard_targets(smoke_run):
@@ -315,7 +264,7 @@ def test_pixel_space_pipeline_generates_and_refuses_img2img(smoke_run):
     assert pipe.vae is None
     pipe.set_progress_bar_config(disable=True)
     image = world.subject_image(ObjectSpec("star", "red", "dotted", "large", "left"))
-    kw = dict(images=[image], num_inference_steps=2, guidance_scale=2.0)
+    kw = dict(prompt_images=[image], num_inference_steps=2, guidance_scale=2.0)
     raw = pipe("a large <i> on the left", output_type="latent", generator=torch.Generator().manual_seed(0), **kw)
     pt = pipe("a large <i> on the left", output_type="pt", generator=torch.Generator().manual_seed(0), **kw)
     assert raw.images.shape == (1, 3, 32, 32)
@@ -402,7 +351,7 @@ def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_pa
 
 def test_micro_eval_command_prints_the_table_and_writes_files(smoke_run, tmp_path, capsys):
     code = cli_main(["micro", "eval", "--models", str(smoke_run / "release"), "--quick", "--steps", "1",
-                     "--out", str(tmp_path / "ev")])
+                     "-o", str(tmp_path / "ev")])
     assert code == 0
     out = capsys.readouterr().out
     for row in ("| Kosmos-G |", "| Kosmos-G, stage 2 only |", "| micro-SD, context words only |",

@@ -90,7 +90,7 @@ class ResamplerConfig:
     paper): the queries form a k x k grid (num_queries = k^2) and each reads only its own
     tile of the patch grid, plus the class token and the latents. Learned global queries
     average a multi-object scene and lose each object's shape; local ones cannot
-    (docs/micro-notes.md, session 14)."""
+    (docs/micro-world.md)."""
 
     def __post_init__(self) -> None:
         _positive("resampler", input_dim=self.input_dim, output_dim=self.output_dim,

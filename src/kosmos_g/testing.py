@@ -72,9 +72,9 @@ def make_tiny_clip_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    from .micro.tokenizers import byte_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    chars = byte_unicode()
+    chars = [bytes_to_unicode()[b] for b in range(256)]  # the characters of CLIP's byte-level BPE
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

@@ -1,14 +1,13 @@
 """The micro world: a synthetic world small enough that every training stage runs on a CPU.
 
-See :mod:`kosmos_g.micro.world` for the scene renderer and the shard-sample builders,
-``docs/micro-world.md`` for the whole story. This module only names what the package
-ships, so that importing it stays cheap (the CLI reads it to pick its defaults).
+A workflow on top of the library, never imported by it: :mod:`.world` renders scenes and
+builds shard samples, :mod:`.clip` and :mod:`.sd` train the stand-ins for CLIP and Stable
+Diffusion, :mod:`.reader` reads generated images back, :mod:`.evaluate` is micro
+DreamBench and :mod:`.train_all` trains every model in order (``docs/micro-world.md``).
+This module only names what the package ships, so importing it stays cheap.
 """
 
 from pathlib import Path
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-"""The shipped micro models: ``kosmos-g/``, ``kosmos-g-stage2/``, ``sd/``, ``clip/``, ``examples/``."""
-SAMPLING_STEPS = 14
-SAMPLING_GUIDANCE = 3.0
-"""How the micro model samples by default (and how micro DreamBench is measured)."""
+"""The shipped micro models: ``kosmos-g/``, ``kosmos-g-stage2/``, ``sd/``, ``clip/``, ``reader/``, ``examples/``."""

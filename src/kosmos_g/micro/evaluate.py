@@ -46,26 +46,25 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from . import CHECKPOINTS, SAMPLING_GUIDANCE, SAMPLING_STEPS, world
-from .standins import EVAL_SEED, SD_SIZE, images_to_clip_pixels
-from .world import ObjectSpec, Scene
+from ..fileio import atomic_file, atomic_write_text
+from . import CHECKPOINTS, world
+from .clip import images_to_clip_pixels
+from .sd import SD_SIZE
+from .world import EVAL_SEED, ObjectSpec, Scene
 
 if TYPE_CHECKING:
     from .reader import AttributeReader
 
-DEFAULT_STEPS = SAMPLING_STEPS
-DEFAULT_GUIDANCE = SAMPLING_GUIDANCE
 EDIT_SEED = EVAL_SEED + 1
 QUICK_THRESHOLDS = {"clip_i": 0.90, "clip_t": 0.85, "color": 0.80, "pattern": 0.75, "context": 0.85,
                     "subject": 0.70}
-"""What CI requires of the shipped model on the quick set (``tests/test_micro_shipped.py``):
-the micro CLIP-I/CLIP-T analogues, where the shipped model (session 26) measures 0.92 / 0.87
-(session 17's: 0.93 / 0.88) and the text-only baseline (which never sees the subject)
-0.59 / 0.59; the subject's colour and pattern, read only from the prompt image (measured 100%
-and 94% with the shipped attribute reader; text-only baseline 0% and 0%, chance 12.5% and
-25%); the context words (background and position, measured 100%; chance 1.4%); and whole
-subjects (all three attributes; the issue's 70%: measured 87.5% = 14 of 16, text-only
-baseline and stage 2 alone 0%, chance 0.4%)."""
+"""What the tests require of the shipped model on the quick set (``tests/test_micro_shipped.py``):
+the micro CLIP-I/CLIP-T analogues, where the shipped model measures 0.92 / 0.87 and the
+text-only baseline (which never sees the subject) 0.59 / 0.59; the subject's colour and
+pattern, read only from the prompt image (shipped: 100% and 94%; text-only baseline 0% and 0%,
+chance 12.5% and 25%); the context words (background and position: 100%; chance 1.4%); and
+whole subjects (all three attributes: 87.5% = 14 of 16; text-only baseline and stage 2 alone
+0%, chance 0.4%)."""
 CHANCE = {  # of a uniformly random answer: 8 shapes, 8 colours, 4 patterns; 8 backgrounds x 9 cells
     "subject": 1 / 256, "two": 1 / 256, "shape": 1 / 8, "color": 1 / 8, "pattern": 1 / 4, "context": 1 / 72}
 
@@ -250,7 +249,8 @@ class KosmosGGenerator:
     def __call__(self, cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
         from PIL import Image
 
-        out = self.pipe([c.prompt for c in cases], images=[[Image.fromarray(im) for im in c.images] for c in cases],
+        out = self.pipe([c.prompt for c in cases],
+                        prompt_images=[[Image.fromarray(im) for im in c.images] for c in cases],
                         num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
                         generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
         return (np.asarray(out.images) * 255).round().astype(np.uint8)
@@ -260,20 +260,17 @@ class TextSDGenerator:
     """micro-SD on text alone: ``field="text_only"`` (context words) or ``"full_caption"``."""
 
     def __init__(self, sd_dir: str | os.PathLike, *, field: str, steps: int, guidance: float) -> None:
-        from .standins import load_micro_sd
+        from .sd import micro_sd_pipeline
 
-        self.sd = load_micro_sd(sd_dir)
-        self.sd.unet.float()
-        self.sd.text_encoder.float()
+        self.pipe = micro_sd_pipeline(sd_dir)
         self.field, self.steps, self.guidance = field, steps, guidance
 
     def __call__(self, cases: Sequence[Case], seeds: Sequence[int]) -> np.ndarray:
-        from .standins import generate_micro_sd
+        from .sd import generate_micro_sd
 
-        # generate_micro_sd seeds one noise tensor per call: one call per seed keeps images
-        # independent of batch composition.
-        return np.concatenate([generate_micro_sd(self.sd, [getattr(c, self.field)], num_inference_steps=self.steps,
-                                                 guidance_scale=self.guidance, seed=int(s))
+        # One call per image: a batch of one draws the same floats whatever else is in the batch.
+        return np.concatenate([generate_micro_sd(self.pipe, [getattr(c, self.field)], num_inference_steps=self.steps,
+                                                 guidance_scale=self.guidance, seeds=[int(s)])
                                for c, s in zip(cases, seeds)])
 
 
@@ -298,8 +295,8 @@ def _run(generate, cases: list[Case], samples: int, batch_size: int = 16) -> tup
 
 
 def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
-             quick: bool = False, samples: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, rows: Sequence[str] | None = None,
+             quick: bool = False, samples: int | None = None, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, rows: Sequence[str] | None = None,
              reader: "str | os.PathLike | AttributeReader | None" = None) -> dict[str, Any]:
     """Run micro DreamBench on a release folder (default: the embedded models).
 
@@ -308,7 +305,11 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     ``{"rows": {name: metrics}, "settings": ...}``; with ``out_dir`` also writes
     ``table.json``, ``table.md`` and ``grid.png``. ``reader``: the attribute reader that scores
     the images (a folder or a loaded :class:`.reader.AttributeReader`; default: the shipped one).
+    ``num_inference_steps``/``guidance_scale``: every row's sampling (default: the Kosmos-G
+    folder's ``generation_config.json``).
     """
+    from ..generation_config import GenerationConfig
+
     from .reader import AttributeReader, as_reader, read_scenes
 
     reader_name = "given" if isinstance(reader, AttributeReader) else str(reader or "shipped")
@@ -318,6 +319,9 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
         if not (models / sub).is_dir():
             raise FileNotFoundError(f"{models / sub} not found: pass --models a release folder written by "
                                     "`kosmos-g micro train-all` (its release/ subfolder).")
+    sampling = GenerationConfig.from_pretrained(models / "kosmos-g")
+    num_inference_steps = num_inference_steps or sampling.num_inference_steps
+    guidance_scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
     samples = samples or (1 if quick else 4)
     sets = {"single": single_cases(1 if quick else 2), "two": two_cases(8 if quick else 16),
             "edit": edit_cases(16 if quick else 48)}
@@ -381,9 +385,8 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
         result["single_image_s"] = time_one_image(timer)
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "table.json", json.dumps(result, indent=1))
-        _atomic_write(out / "table.md", format_table(result) + "\n")
+        atomic_write_text(out / "table.json", json.dumps(result, indent=1))
+        atomic_write_text(out / "table.md", format_table(result) + "\n")
         write_grid(out / "grid.png", sets, grid)
     return result
 
@@ -398,12 +401,6 @@ def time_one_image(generate: "KosmosGGenerator", repeats: int = 3) -> float:
         generate([case], [k])
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 COLUMNS = (("subject", "subject (3 attrs)"), ("shape", "shape"), ("color", "colour"), ("pattern", "pattern"),
@@ -476,8 +473,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_grid(path: Path, sets: dict[str, list[Case]], grid: dict[str, dict[str, np.ndarray]],
-               per_set: int = 4, cell: int = 64) -> None:
-    """A PNG: per example, the prompt's image(s), then each model's first sample."""
+               per_set: int = 4, cell: int = 96) -> None:
+    """A PNG: per example, the prompt's image(s), then each model's first sample, each enlarged
+    (nearest neighbour, so pixels stay as generated) to ``cell`` px."""
     from PIL import Image, ImageDraw
 
     names = list(grid)
@@ -499,6 +497,5 @@ def write_grid(path: Path, sets: dict[str, list[Case]], grid: dict[str, dict[str
             if imgs is None or i >= len(imgs):
                 continue
             canvas.paste(Image.fromarray(imgs[i]).resize((cell, cell), Image.NEAREST), (x, 16 + cell * (r + 1)))
-    tmp = path.with_name(path.name + ".tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -1,11 +1,10 @@
 """A learned attribute reader: what a generated micro-world image shows, cell by cell.
 
-Micro DreamBench scores generated images by reading back the scene they show. The
-analytic reader (:func:`.standins.read_scene`) matches each grid cell against the
-renderer's exact pictures; it is exact on renders but brittle on generated images: an
-object drawn one pixel off its cell centre no longer matches its own template (measured:
-a 1 px shift of real renders drops its subject accuracy to 7%). The issue asks for "an
-attribute classifier trained on the renderer's ground truth", and this is it:
+Micro DreamBench scores generated images by reading back the scene they show. Matching
+each grid cell against the renderer's exact pictures is exact on renders but brittle on
+generated images: an object drawn one pixel off its cell centre no longer matches its own
+template (a 1 px shift of real renders drops such a matcher's subject accuracy to 7%). So
+the scenes are read by an attribute classifier trained on the renderer's ground truth:
 
 * :class:`AttributeReader`: a small CNN that sees a 16x16 window around one grid cell's
   centre of a 32x32 image and predicts whether an object is there, and its shape, colour,
@@ -50,8 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fileio import atomic_dir
 from . import CHECKPOINTS, world
-from .tokenizers import atomic_dir
 from .world import ObjectSpec, Scene
 
 READ_SIZE = 32
@@ -314,3 +313,37 @@ def read_scenes(reader: AttributeReader, images: np.ndarray, batch_size: int = 2
                 for k, position in enumerate(world.POSITIONS) if picks["present"][b][k])
             scenes.append(Scene(read_background(images[start + b]), objects))
     return scenes
+
+
+def match_scene(target: Scene, seen: Scene) -> dict[str, float]:
+    """Per-attribute agreement of a read-back scene with the scene a caption described.
+
+    Each target object is matched to the unused ``seen`` object agreeing on the most of
+    (shape, color, pattern, size, position); an unmatched target object gets every
+    attribute wrong. Returns the mean over target objects of ``shape``, ``color``,
+    ``pattern``, ``size``, ``position`` and ``subject`` (shape, color and pattern all
+    right), plus ``background`` and ``count`` (same number of objects) as 0/1.
+
+    Example:
+        >>> a = Scene("gray", (ObjectSpec("circle", "red", "solid", "small", "left"),))
+        >>> match_scene(a, Scene("pink", a.objects))["background"]
+        0.0
+    """
+    attrs = ("shape", "color", "pattern", "size", "position")
+    free = list(seen.objects)
+    totals = dict.fromkeys((*attrs, "subject"), 0.0)
+    for obj in target.objects:
+        if not free:
+            continue
+        best = max(free, key=lambda o: sum(getattr(o, a) == getattr(obj, a) for a in attrs))
+        free.remove(best)
+        for a in attrs:
+            totals[a] += float(getattr(best, a) == getattr(obj, a))
+        totals["subject"] += float(best.subject == obj.subject)
+    n = max(1, len(target.objects))
+    out = {k: v / n for k, v in totals.items()}
+    out["background"] = float(seen.background == target.background)
+    out["count"] = float(len(seen.objects) == len(target.objects))
+    return out
+
+

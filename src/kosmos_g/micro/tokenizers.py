@@ -25,19 +25,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_dir
 from . import world
 
 CLIP_MAX_LENGTH = 40
@@ -96,65 +93,7 @@ def world_text(seed: int, n: int) -> list[str]:
     return lines
 
 
-def _public_modes(root: Path) -> None:
-    """Give ``root`` and everything in it the modes a plain ``mkdir``/``open`` would have
-    (``mkdtemp`` makes 0700 folders and some writers 0600 files, which would lock other
-    users out of a shared model folder)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces ``out_dir``
-    (rename, so readers never see a half-written folder); on error it is deleted.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     with atomic_dir(f"{d}/x") as tmp:
-        ...         _ = (tmp / "a.txt").write_text("hi")
-        ...     sorted(p.name for p in Path(d).iterdir())
-        ['x']
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _public_modes(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 # ---------------------------------------------------------------------------- CLIP (BPE)
-
-
-def byte_unicode() -> list[str]:
-    """The printable characters CLIP's byte-level BPE uses for the 256 byte values, in
-    byte order (OpenAI's ``bytes_to_unicode``)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -187,7 +126,9 @@ def clip_vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int
     earlier ones, so it can never change how an earlier word is merged.
     """
     words = world_words() if words is None else words
-    chars = byte_unicode()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = [bytes_to_unicode()[b] for b in range(256)]  # the characters of CLIP's byte-level BPE
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     ranks: dict[tuple[str, str], int] = {}
     for word in words:

@@ -63,6 +63,8 @@ BACKGROUNDS = (*_FLAT_BACKGROUNDS, "tiled", "grid")
 MAX_OBJECTS = 3
 EDIT_KINDS = ("color", "pattern", "background", "move", "add", "remove")
 HELD_OUT_SEED = 0
+EVAL_SEED = 10_000_019
+"""Seed of the evaluation scenes; training seeds are small integers, so they never meet."""
 
 _T = TypeVar("_T")
 
@@ -622,7 +624,7 @@ def entity_caption_sample(rng: np.random.Generator, *, size: int = 64, exclude_h
 
     Scene captions alone teach the MLLM to read small objects in a whole scene; a prompt's
     ``<i>`` is a crop filling the frame. Stage 1 on these crops is what makes the MLLM's
-    image states carry shape and pattern, not only colour (docs/micro-notes.md, session 8).
+    image states carry shape and pattern, not only colour (docs/micro-world.md).
 
     Example:
         >>> s = entity_caption_sample(np.random.default_rng(0))
@@ -672,8 +674,7 @@ def edit_sample(
     exclude_held_out: bool = True, with_foreground: bool = False,
 ) -> dict[str, Any]:
     """An ``edit`` sample: the source caption, the instruction, the edited scene's
-    :func:`canonical_caption` (``target_caption``) and the source's :func:`cell_labels`
-    (``src_cell_labels``, for ``stage3.cell_label_weight``), ``"src.png"`` and ``"tgt.png"``;
+    :func:`canonical_caption` (``target_caption``), ``"src.png"`` and ``"tgt.png"``;
     ``with_foreground``: also ``"tgt_fg.png"``, the objects of the target *and* the source
     at the target's size (a removed or moved object's old place is where the edit shows).
 
@@ -687,7 +688,7 @@ def edit_sample(
     source, target = render(src, size), render(tgt, target_size or size)
     sample = {
         "json": {"kind": "edit", "caption": src.caption(rng), "instruction": instruction,
-                 "target_caption": canonical_caption(tgt), "src_cell_labels": cell_labels(src)},
+                 "target_caption": canonical_caption(tgt)},
         "src.png": source.image,
         "tgt.png": target.image,
     }
