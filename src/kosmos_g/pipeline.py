@@ -348,7 +348,7 @@ class KosmosGPipeline:
 
     Example:
         >>> pipe = KosmosGPipeline.from_pretrained("ckpt/kosmos-g", "ckpt/sd-v1-5")  # doctest: +SKIP
-        >>> pipe(["A photo of", "dog.png", "on the beach"], num_inference_steps=25).images  # doctest: +SKIP
+        >>> pipe(["A photo of", Path("dog.png"), "on the beach"], num_inference_steps=25).images  # doctest: +SKIP
     """
 
     def __init__(self, kosmos_g: KosmosG, processor: KosmosGProcessor, unet: torch.nn.Module,

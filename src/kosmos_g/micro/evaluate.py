@@ -294,13 +294,68 @@ def _run(generate, cases: list[Case], samples: int, batch_size: int = 16) -> tup
     return [c for c, _ in flat], np.concatenate(images)
 
 
+def _generators(models: Path, steps: int, guidance: float, rows: Sequence[str] | None) -> dict[str, Any]:
+    """Each row's name and a function that loads its image generator."""
+    generators: dict[str, Any] = {
+        "Kosmos-G": lambda: KosmosGGenerator(models / "kosmos-g", models / "sd", steps=steps, guidance=guidance),
+        "Kosmos-G, stage 2 only": lambda: KosmosGGenerator(models / "kosmos-g-stage2", models / "sd",
+                                                           steps=steps, guidance=guidance),
+        "micro-SD, context words only": lambda: TextSDGenerator(models / "sd", field="text_only", steps=steps,
+                                                               guidance=guidance),
+        "micro-SD, subject named (reference)": lambda: TextSDGenerator(models / "sd", field="full_caption",
+                                                                      steps=steps, guidance=guidance),
+        "real renders (oracle)": lambda: functools.partial(oracle, size=sd_resolution(models / "sd")),
+    }
+    if not (models / "kosmos-g-stage2").is_dir():
+        generators.pop("Kosmos-G, stage 2 only")
+    if rows is not None:
+        unknown = set(rows) - set(generators)
+        if unknown:
+            raise ValueError(f"Unknown rows {sorted(unknown)}; choose from {list(generators)}.")
+        generators = {k: v for k, v in generators.items() if k in rows}
+    return generators
+
+
+def _score_row(generate: Any, sets: dict[str, list[Case]], samples: int, reader: "AttributeReader",
+               scorer: ClipScorer, text_only: bool) -> tuple[dict[str, Any], dict[str, np.ndarray], int]:
+    """One row of the table: its scores on every prompt set, the first images of each set (for
+    the grid) and how many images it drew. ``text_only`` rows skip the edits (a text-to-image
+    model cannot see the picture to edit)."""
+    from .reader import read_scenes
+
+    row: dict[str, Any] = {}
+    firsts: dict[str, np.ndarray] = {}
+    n_images = 0
+    for set_name, cases in sets.items():
+        if set_name == "edit" and text_only:
+            continue
+        per_case = samples if set_name != "edit" else 1
+        flat, images = _run(generate, cases, per_case)
+        n_images += len(images)
+        firsts[set_name] = images[::per_case][:8]
+        per = [score_scene(c, seen) for c, seen in zip(flat, read_scenes(reader, images))]
+        if set_name == "single":
+            for k in ("subject", "shape", "color", "pattern", "context"):
+                row[k] = float(np.mean([p[k] for p in per]))
+            refs = np.stack([world.render(c.target).image for c in flat])
+            for k, v in scorer.scores(images, refs, [c.full_caption for c in flat]).items():
+                row[k] = float(v.mean())
+        elif set_name == "two":
+            row["two"] = float(np.mean([p["subject"] for p in per]))
+            row["two_context"] = float(np.mean([p["context"] for p in per]))
+        else:
+            row["edit"] = float(np.mean([p["edit"] for p in per]))
+            row["edit_by_kind"] = edits_by_kind(flat, per)
+    return row, firsts, n_images
+
+
 def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathLike | None = None,
              quick: bool = False, samples: int | None = None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, rows: Sequence[str] | None = None,
              reader: "str | os.PathLike | AttributeReader | None" = None) -> dict[str, Any]:
     """Run micro DreamBench on a release folder (default: the embedded models).
 
-    ``quick``: 16 single-subject prompts, 8 pairs and 16 edits, one sample each (CI);
+    ``quick``: 16 single-subject prompts, 8 pairs and 16 edits, one sample each (the tests);
     otherwise 32 prompts x ``samples`` (4), 16 pairs x 4, 48 edits x 1. Returns
     ``{"rows": {name: metrics}, "settings": ...}``; with ``out_dir`` also writes
     ``table.json``, ``table.md`` and ``grid.png``. ``reader``: the attribute reader that scores
@@ -309,8 +364,7 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     folder's ``generation_config.json``).
     """
     from ..generation_config import GenerationConfig
-
-    from .reader import AttributeReader, as_reader, read_scenes
+    from .reader import AttributeReader, as_reader
 
     reader_name = "given" if isinstance(reader, AttributeReader) else str(reader or "shipped")
     reader = as_reader(reader)
@@ -325,62 +379,21 @@ def evaluate(models: str | os.PathLike | None = None, *, out_dir: str | os.PathL
     samples = samples or (1 if quick else 4)
     sets = {"single": single_cases(1 if quick else 2), "two": two_cases(8 if quick else 16),
             "edit": edit_cases(16 if quick else 48)}
-    generators: dict[str, Any] = {
-        "Kosmos-G": lambda: KosmosGGenerator(models / "kosmos-g", models / "sd", steps=num_inference_steps,
-                                             guidance=guidance_scale),
-        "Kosmos-G, stage 2 only": lambda: KosmosGGenerator(models / "kosmos-g-stage2", models / "sd",
-                                                           steps=num_inference_steps, guidance=guidance_scale),
-        "micro-SD, context words only": lambda: TextSDGenerator(models / "sd", field="text_only",
-                                                               steps=num_inference_steps, guidance=guidance_scale),
-        "micro-SD, subject named (reference)": lambda: TextSDGenerator(
-            models / "sd", field="full_caption", steps=num_inference_steps, guidance=guidance_scale),
-        "real renders (oracle)": lambda: functools.partial(oracle, size=sd_resolution(models / "sd")),
-    }
-    if not (models / "kosmos-g-stage2").is_dir():
-        generators.pop("Kosmos-G, stage 2 only")
-    if rows is not None:
-        unknown = set(rows) - set(generators)
-        if unknown:
-            raise ValueError(f"Unknown rows {sorted(unknown)}; choose from {list(generators)}.")
-        generators = {k: v for k, v in generators.items() if k in rows}
     scorer = ClipScorer(models / "clip")
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, Any]] = {}
     grid: dict[str, dict[str, np.ndarray]] = {}
     timer = None
-    for name, make in generators.items():
+    for name, make in _generators(models, num_inference_steps, guidance_scale, rows).items():
         generate = make()
-        if name == "Kosmos-G":
-            timer = generate
-        row: dict[str, float] = {}
-        grid[name] = {}
+        timer = generate if name == "Kosmos-G" else timer
         t0 = time.time()
-        n_images = 0
-        for set_name, cases in sets.items():
-            if set_name == "edit" and name.startswith("micro-SD"):
-                continue  # a text-to-image model cannot see the picture to edit
-            flat, images = _run(generate, cases, samples if set_name != "edit" else 1)
-            n_images += len(images)
-            grid[name][set_name] = images[:: (samples if set_name != "edit" else 1)][:8]
-            per = [score_scene(c, seen) for c, seen in zip(flat, read_scenes(reader, images))]
-            if set_name == "single":
-                for k in ("subject", "shape", "color", "pattern", "context"):
-                    row[k] = float(np.mean([p[k] for p in per]))
-                refs = np.stack([world.render(c.target).image for c in flat])
-                for k, v in scorer.scores(images, refs, [c.full_caption for c in flat]).items():
-                    row[k] = float(v.mean())
-            elif set_name == "two":
-                row["two"] = float(np.mean([p["subject"] for p in per]))
-                row["two_context"] = float(np.mean([p["context"] for p in per]))
-            else:
-                row["edit"] = float(np.mean([p["edit"] for p in per]))
-                row["edit_by_kind"] = edits_by_kind(flat, per)
-        row["s_per_image"] = (time.time() - t0) / max(1, n_images) if name != "real renders (oracle)" else 0.0
-        table[name] = row
+        table[name], grid[name], n_images = _score_row(generate, sets, samples, reader, scorer,
+                                                       text_only=name.startswith("micro-SD"))
+        table[name]["s_per_image"] = (time.time() - t0) / max(1, n_images) if "oracle" not in name else 0.0
     result = {"rows": table, "settings": {
         "quick": quick, "samples": samples, "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale, "threads": torch.get_num_threads(),
-        "cases": {k: len(v) for k, v in sets.items()}, "models": str(models),
-        "reader": reader_name}}
+        "cases": {k: len(v) for k, v in sets.items()}, "models": str(models), "reader": reader_name}}
     if timer is not None:
         result["single_image_s"] = time_one_image(timer)
     if out_dir is not None:
