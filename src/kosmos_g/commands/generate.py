@@ -380,25 +380,11 @@ def _with_sampling_defaults(s: Settings, config: GenerationConfig) -> Settings:
 
 # ----------------------------------------------------------------------------- running
 
-def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: bool = False,
-             quiet: bool = False) -> list[Path]:
-    """Generate ``s.num_images`` images (seeds ``s.seed + k``), write PNG + JSON sidecars.
-
-    ``only_index`` keeps just that image (``--from-json``): its whole batch is re-run so
-    that batch-dependent numerics match too.
-    """
-    import torch
-
-    from .. import __version__
+def _call_arguments(s: Settings) -> dict[str, Any]:
+    """The pipeline arguments besides the condition, seeds, steps and guidance: ControlNet
+    images and scales, size, and img2img / inpainting inputs."""
     from ..processing import load_image
 
-    _check_files(s)
-    pipe = load_pipeline(s, quiet=quiet)
-    s = _with_sampling_defaults(s, pipe.generation_config)
-    cfg = pipe.do_classifier_free_guidance(s.guidance)
-    # The condition is computed once and reused by every batch below.
-    prompt_embeds, negative_embeds = pipe.encode_prompt(
-        s.prompt, s.images, s.negative, s.negative_images or None, do_classifier_free_guidance=cfg)
     extra: dict[str, Any] = {}
     if s.controlnet:
         controls = [load_image(p) for p in s.control_images]
@@ -416,6 +402,28 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
             extra["mask_image"] = load_image(s.mask)
         if s.strength is not None:
             extra["strength"] = s.strength
+    return extra
+
+
+def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: bool = False,
+             quiet: bool = False) -> list[Path]:
+    """Generate ``s.num_images`` images (seeds ``s.seed + k``), write PNG + JSON sidecars.
+
+    ``only_index`` keeps just that image (``--from-json``): its whole batch is re-run so
+    that batch-dependent numerics match too.
+    """
+    import torch
+
+    from .. import __version__
+
+    _check_files(s)
+    pipe = load_pipeline(s, quiet=quiet)
+    s = _with_sampling_defaults(s, pipe.generation_config)
+    cfg = pipe.do_classifier_free_guidance(s.guidance)
+    # The condition is computed once and reused by every batch below.
+    prompt_embeds, negative_embeds = pipe.encode_prompt(
+        s.prompt, s.images, s.negative, s.negative_images or None, do_classifier_free_guidance=cfg)
+    extra = _call_arguments(s)
     outdir.mkdir(parents=True, exist_ok=True)
     hashes = {p: _sha256(p) for p in s.images + s.negative_images + s.control_images
               + [s.init_image, s.mask] if p}
