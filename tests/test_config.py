@@ -15,7 +15,7 @@ def test_presets():
     assert (cfg.vision.hidden_size, cfg.vision.num_tokens, cfg.vision.hidden_act) == (1024, 257, "quick_gelu")
     assert (cfg.resampler.num_queries, cfg.resampler.num_heads) == (64, 32)
     assert (cfg.aligner.num_queries, cfg.aligner.output_dim, cfg.aligner.encoder_layers) == (77, 768, 12)
-    assert cfg.mllm.vocab_size == 64006 and cfg.max_images == 10
+    assert cfg.mllm.vocab_size == 64007 and cfg.max_images == 10
     assert get_preset("tiny") is not get_preset("tiny")  # fresh copies
 
 

@@ -608,7 +608,7 @@ def test_official_sizes_give_the_kosmos_g_preset():
     # shapes only (meta tensors): the release's layout converts to exactly the paper's config
     from kosmos_g import get_preset
 
-    sd = official_state_dict(64006, s=OFFICIAL_SIZES, device="meta")
+    sd = official_state_dict(64007, s=OFFICIAL_SIZES, device="meta")
     state, cfg = convert_official_state_dict(fairseq_checkpoint(sd, heads=32))
     assert cfg == get_preset("kosmos-g")
     assert convert_official_state_dict(sd)[1] == cfg  # no args: the matching preset gives the heads

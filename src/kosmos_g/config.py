@@ -114,8 +114,9 @@ class MLLMConfig:
     """
 
     backbone: Literal["magneto", "hf"] = "magneto"
-    vocab_size: int = 64006
-    """Embedding rows; the official fairseq dictionary has 64,006 symbols."""
+    vocab_size: int = 64007
+    """Embedding rows. The official dictionary has 64,007 symbols: ``<s> <pad> </s> <unk>``,
+    the 63,997 lines of ``dict.txt``, ``<mask>`` and five Kosmos specials (``<image>`` = 64003)."""
     hidden_size: int = 2048
     num_layers: int = 24
     num_heads: int = 32

@@ -21,6 +21,43 @@ BOI, EOI = "<image>", "</image>"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
+def require_file(path: str | os.PathLike, label: str) -> Path:
+    """``path`` as a :class:`Path` if it is a file; a one-line error naming it otherwise.
+
+    Example:
+        >>> require_file("/", "dictionary")
+        Traceback (most recent call last):
+        ...
+        ValueError: dictionary / is a directory; pass the file itself.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{label} {path} is a directory; pass the file itself.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} not found: {path}")
+    return path
+
+
+def _dictionary_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").split("\n")  # not splitlines(): pieces may hold U+2028 etc.
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a fairseq dictionary (not UTF-8 text: byte {e.start} "
+                         f"is 0x{e.object[e.start]:02x}).") from None
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)  # what fairseq's Dictionary.add_from_file requires of the count
+    except ValueError:
+        return False
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 class FairseqTokenizer:
     """SentencePiece + fairseq ``dict.txt``, as the released Kosmos-G reads text.
 
@@ -38,24 +75,27 @@ class FairseqTokenizer:
         import sentencepiece as spm
 
         for label, p in (("SentencePiece model", spm_path), ("dictionary", dict_path)):
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"{label} not found: {p}")
+            require_file(p, label)
         self.spm_path, self.dict_path = Path(spm_path), Path(dict_path)
-        self.sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+        except RuntimeError as e:  # sentencepiece reports a bad file as RuntimeError("INTERNAL: ...")
+            raise ValueError(f"{spm_path} is not a SentencePiece model ({_one_line(e)}); pass the "
+                             f"{self.SPM_NAME} that belongs to {self.DICT_NAME}.") from None
         self.symbols: list[str] = []
         self.index: dict[str, int] = {}
         for sym in FAIRSEQ_SPECIALS:
             self._add(sym)
-        with open(dict_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                # "<piece> <count> [#fairseq:overwrite]"; the piece itself has no spaces.
-                parts = line.rsplit(" ", 2 if line.endswith("#fairseq:overwrite") else 1)
-                if len(parts) < 2:
-                    raise ValueError(f"{dict_path}:{lineno}: expected '<token> <count>', got {line!r}")
-                self._add(parts[0], overwrite=line.endswith("#fairseq:overwrite"))
+        for lineno, line in enumerate(_dictionary_lines(self.dict_path), 1):
+            if not line.strip():
+                continue
+            # "<piece> <count> [#fairseq:overwrite]"; the piece itself has no spaces.
+            overwrite = line.endswith(" #fairseq:overwrite")
+            parts = line.rsplit(" ", 2 if overwrite else 1)
+            if len(parts) < 2 or not _is_int(parts[1]):
+                raise ValueError(f"{dict_path}:{lineno}: expected '<token> <count>', got {line[:80]!r}; "
+                                 f"is {Path(dict_path).name} a fairseq dictionary?")
+            self._add(parts[0], overwrite=overwrite)
         for sym in FAIRSEQ_EXTRA:
             self._add(sym)
         self.bos_id, self.pad_id, self.eos_id, self.unk_id = 0, 1, 2, 3

@@ -722,7 +722,7 @@ def convert_official(
     state, config = convert_official_state_dict(checkpoint, config)
     if len(tokenizer) < config.mllm.vocab_size:
         logger.warning("The dictionary has %d symbols but the checkpoint embeds %d; check that %s belongs to "
-                       "this checkpoint (the official one has 64,006).", len(tokenizer),
+                       "this checkpoint (the official one has 64,007).", len(tokenizer),
                        config.mllm.vocab_size, dict_path)
     processor = KosmosGProcessor.from_config(tokenizer, config)
     state = _cast(state, dtype)
