@@ -4,6 +4,8 @@ A writer fills a temporary sibling (same folder, so the final ``os.replace`` is 
 on one file system) and renames it into place only once it is complete; on error the
 temporary is removed. Readers therefore never see a half-written checkpoint, shard,
 image or sidecar, and a killed job leaves at most a hidden ``.NAME.tmp-*`` behind.
+``fsync=True`` also makes the write survive a power loss (the data is on the disk before
+the rename, the rename after it); training checkpoints and exports use it.
 
 Example:
     >>> import tempfile
@@ -46,16 +48,36 @@ def _public_modes(root: Path) -> None:
                 os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's list of entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (deepest first), then ``root`` itself."""
+    if root.is_dir():
+        for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if not path.is_symlink():
+                _fsync_path(path)
+    _fsync_path(root)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
 
     The temporary name is unique (``mkstemp``), so concurrent writers never share one.
+    ``fsync=True`` flushes the file to the disk before the rename and the folder after it,
+    so that after a power loss ``path`` holds the old content or the whole new one.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     with atomic_file(Path(d) / "x.bin") as tmp:
+        ...     with atomic_file(Path(d) / "x.bin", fsync=True) as tmp:
         ...         _ = tmp.write_bytes(b"1")
         ...     (Path(d) / "x.bin").read_bytes()
         b'1'
@@ -68,31 +90,43 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _public_modes(tmp)
+        if fsync:
+            _fsync_path(tmp)
         os.replace(tmp, path)
+        if fsync:
+            _fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns ``path``."""
-    with atomic_file(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (``fsync``: see :func:`atomic_file`); returns ``path``."""
+    with atomic_file(path, fsync=fsync) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``fsync``: see :func:`atomic_file`); returns ``path``."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out_dir`` to fill; on success it becomes ``out_dir``.
 
     ``replace=False`` (the default) refuses an existing ``out_dir`` with ``FileExistsError``
     before anything is written; ``replace=True`` swaps the old folder out only after the new
-    one is complete, so a reader sees the old folder or the new one, never a mixture.
+    one is complete, so a reader sees the old folder or the new one, never a mixture: the old
+    folder is first renamed aside (into a hidden ``.NAME.old-*``), then the new one renamed in,
+    then the old one deleted. Should the second rename fail, the old folder is put back. A
+    process killed between the two renames leaves no ``out_dir``, the old folder aside and the
+    new one as its hidden temporary, both whole.
+
+    ``fsync=True`` flushes every file and folder of the new tree before the rename and the
+    parent folder after it (checkpoints: a power loss never leaves a renamed folder whose
+    files were not yet on the disk).
 
     Example:
         >>> import tempfile
@@ -110,13 +144,24 @@ def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator
     try:
         yield tmp
         _public_modes(tmp)
+        if fsync:
+            _fsync_tree(tmp)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, aside / "x")
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(aside / "x", out_dir)
+                aside.rmdir()
+                raise
+            if fsync:
+                _fsync_path(out_dir.parent)
+            shutil.rmtree(aside)
         else:
             os.replace(tmp, out_dir)
+            if fsync:
+                _fsync_path(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
