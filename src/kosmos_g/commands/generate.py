@@ -2,8 +2,9 @@
 
 Every PNG gets a ``.json`` beside it holding every setting and that image's seed;
 ``kosmos-g generate --from-json IMAGE.json`` re-runs it to the same pixels (same
-machine type, device and dtype). Files are written atomically (:mod:`kosmos_g.fileio`),
-so a half-written PNG never appears under the final name. Steps, guidance and scheduler
+machine type, device and dtype). Each output name is claimed with an exclusive create, so
+runs sharing a folder never overwrite each other, and filled atomically
+(:mod:`kosmos_g.fileio`), so a half-written PNG never appears under it. Steps, guidance and scheduler
 default to the model folder's ``generation_config.json``, as in
 :class:`kosmos_g.pipeline.KosmosGPipeline`, and each sidecar records the values used.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,10 +29,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .. import micro
-from ..fileio import atomic_dir, atomic_file, atomic_write_text
+from ..fileio import atomic_dir, atomic_write_bytes
 from ..generation_config import FILENAME as GENERATION_CONFIG, GenerationConfig
 from ..schedulers import SCHEDULERS, scheduler_name
 
@@ -348,9 +350,46 @@ def _next_index(outdir: Path) -> int:
     return max(used, default=-1) + 1
 
 
-def _write_png(path: Path, image: Any) -> None:
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG")
+def _claim(outdir: Path, index: int, stem: str, suffixes: Sequence[str]) -> tuple[int, list[Path]]:
+    """Claim ``NNNNN-<stem><suffix>`` in ``outdir`` for every suffix (an image and its sidecar)
+    with an exclusive create, ``NNNNN`` the first free index from ``index`` on; returns the index
+    used and the claimed paths.
+
+    The scan in :func:`_next_index` only suggests a start: another run writing into the same
+    folder may take a name after it, and ``O_EXCL`` makes exactly one of them get it. A name is
+    claimed as an empty file; the complete file then replaces it (:func:`_publish`).
+    """
+    while True:
+        paths = [outdir / f"{index:05d}-{stem}{suffix}" for suffix in suffixes]
+        claimed: list[Path] = []
+        try:
+            for path in paths:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                claimed.append(path)
+            return index, paths
+        except FileExistsError:
+            for path in claimed:
+                path.unlink()
+            index = max(index + 1, _next_index(outdir))
+
+
+def _publish(files: dict[Path, bytes]) -> None:
+    """Replace each claimed (empty) file with its data, atomically; on failure drop the claims
+    that were not filled, so an interrupted run leaves no empty image or sidecar."""
+    try:
+        for path, data in files.items():
+            atomic_write_bytes(path, data)
+    except BaseException:
+        for path in files:
+            if path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        raise
+
+
+def _png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _grid(images: list) -> Any:
@@ -431,6 +470,7 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
     written: list[Path] = []
     images = []
     index = _next_index(outdir)
+    first_index = None
     slug = _slug(s.prompt)
     for start in range(0, len(seeds), s.batch_size):
         batch_seeds = seeds[start:start + s.batch_size]
@@ -447,7 +487,9 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
         for k, (seed, image) in enumerate(zip(batch_seeds, out)):
             if only_index is not None and start + k != only_index:
                 continue
-            png = outdir / f"{index:05d}-{slug}-s{seed}.png"
+            data = _png_bytes(image)
+            index, (png, sidecar) = _claim(outdir, index, f"{slug}-s{seed}", (".png", ".json"))
+            first_index = index if first_index is None else first_index
             index += 1
             record = {
                 "format": SIDECAR_FORMAT, "kosmos_g_version": __version__, "file": png.name,
@@ -456,14 +498,14 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
                 "width": image.size[0], "height": image.size[1], "settings": asdict(s),
                 "input_sha256": hashes,
             }
-            _write_png(png, image)
-            atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+            _publish({png: data, sidecar: (json.dumps(record, indent=2) + "\n").encode("utf-8")})
             written.append(png)
             images.append(image)
             print(png)
     if grid and len(images) > 1:
-        path = outdir / f"{index - len(images):05d}-{slug}-grid.png"
-        _write_png(path, _grid(images))
+        data = _png_bytes(_grid(images))
+        _, (path,) = _claim(outdir, first_index, f"{slug}-grid", (".png",))
+        _publish({path: data})
         print(path)
     return written
 
