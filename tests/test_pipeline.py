@@ -7,9 +7,12 @@ compare against diffusers' own pipelines loaded from the same folder.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from PIL import Image
 
 from kosmos_g.generation_config import GenerationConfig
 from kosmos_g.pipeline import SCHEDULERS, KosmosGPipeline, as_batch, kosmos_g_prompt_embeds
+from kosmos_g.processing import is_image, split_prompt
 
 STEPS = 3
 
@@ -338,6 +342,9 @@ def test_batch_with_different_image_counts(pipe, pics):
 def test_as_batch_forms():
     assert as_batch("<i> x", ["a.png"]) == [("<i> x", ["a.png"])]
     assert as_batch(["a", "b"]) == [("a", None), ("b", None)]
+    one = ["A photo of", Path("dog.png"), "on the beach"]
+    assert as_batch(one) == [(one, None)]  # a list holding an image is one prompt
+    assert as_batch([one, "a cat"]) == [(one, None), ("a cat", None)]
     assert as_batch(None, batch_size=2) == [(None, None), (None, None)]
     assert as_batch("neg", batch_size=2) == [("neg", None), ("neg", None)]
     with pytest.raises(ValueError, match="pass `prompt_images` as one list of images per prompt"):
@@ -346,6 +353,50 @@ def test_as_batch_forms():
         as_batch(None, ["x.png"], name="negative_prompt")
     with pytest.raises(ValueError, match="2 negative_prompts for 3 prompts"):
         as_batch(["n1", "n2"], name="negative_prompt", batch_size=3)
+    with pytest.raises(ValueError, match=r"for an image alone pass \[image\]"):
+        as_batch(Path("dog.png"))
+
+
+def test_a_str_image_name_in_a_list_prompt_is_refused(pipe):
+    """`["A photo of", "dog.png", "on the beach"]` is a batch of three text prompts by the rule
+    (every str is text); that cannot be what was meant, so it raises instead of drawing three images."""
+    with pytest.raises(ValueError, match=r"'dog.png' looks like an image file.*Path\('dog.png'\)"):
+        pipe(["A photo of", "dog.png", "on the beach"], num_inference_steps=1)
+
+
+def _doc_list_form_calls() -> list[str]:
+    """The ``pipe([...])`` calls in docs/generation.md's Python blocks: its list-form examples."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text(encoding="utf-8")
+    calls = []
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        for node in ast.walk(ast.parse(block)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "pipe"
+                    and node.args and isinstance(node.args[0], ast.List)):
+                calls.append(ast.get_source_segment(block, node))
+    return calls
+
+
+def test_generation_doc_list_form_examples(pipe, tmp_path, monkeypatch):
+    """Each list-form example of docs/generation.md runs as written and means what the doc says:
+    the first is ONE prompt with one image, the second a batch of three (1, 2 and 0 images)."""
+    calls = _doc_list_form_calls()
+    expected = [[1], [1, 2, 0]]  # per example: the images of each prompt
+    assert len(calls) == len(expected), calls
+    examples = files("kosmos_g") / "assets" / "examples"
+    for name in ("dog.png", "hat.png"):
+        shutil.copy(examples / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def doc_pipe(prompt, prompt_images=None, **kwargs):
+        pairs = as_batch(prompt, prompt_images)
+        seen.append([sum(is_image(s) for s in split_prompt(p, im)) for p, im in pairs])
+        return pipe(prompt, prompt_images, num_inference_steps=1, output_type="np", **kwargs)
+
+    for call, want in zip(calls, expected):
+        out = eval(call, {"pipe": doc_pipe, "Path": Path})
+        assert seen[-1] == want, call
+        assert out.images.shape[0] == len(want)
 
 
 def _vae_roundtrip(pipe, image: Image.Image) -> np.ndarray:

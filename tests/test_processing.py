@@ -108,7 +108,7 @@ def test_literal_text_keeps_a_placeholder_as_text(proc):
 
 
 def test_batch_image_lists_must_match(proc):
-    with pytest.raises(ValueError, match="2 prompts but 1 image lists"):
+    with pytest.raises(ValueError, match="2 prompts and 1 image entries"):
         proc(["<i>", "<i>"], images=[[RED]])
 
 
@@ -195,3 +195,75 @@ def test_negative_prompt_defaults_to_bos(proc, tok):
     assert proc.negative("").input_ids == [tok.bos_id]
     assert proc.negative(None).input_ids == [tok.bos_id]
     assert proc.negative("blurry").input_ids == [tok.bos_id] + tok.encode("blurry")
+
+
+# ----------------------------------------------------------------------------- the list form
+
+DOG = Path(__file__).resolve().parents[1] / "src/kosmos_g/assets/examples/dog.png"
+
+
+@pytest.mark.parametrize("image", [DOG, Image.open(DOG), np.asarray(Image.open(DOG).convert("RGB"))],
+                         ids=["Path", "PIL", "array"])
+def test_a_list_with_an_image_is_one_prompt(proc, image):
+    batch = proc(["A photo of", image, "on the beach"])
+    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+    want = proc("A photo of<i>on the beach", images=[Image.open(DOG)])
+    for k in want:
+        assert torch.equal(batch[k], want[k]), k
+
+
+def test_a_list_of_only_str_is_a_batch_of_text_prompts(proc):
+    batch = proc(["a", "b"])
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 0
+    assert split_prompt(["a ", "b"]) == ["a ", "b"]  # one prompt's segments: both text
+
+
+@pytest.mark.parametrize("prompt", [["A photo of", "dog.png", "on the beach"],
+                                    ["A photo of", "photos/dog.JPG", Path("hat.png")],
+                                    "dog.png"])
+def test_a_str_that_names_an_image_file_is_refused_not_read_as_text(proc, prompt):
+    """Every str in a prompt is text, so an image file name given as a str would silently become a
+    prompt of its own (a batch of three above) or the words 'dog.png': it is refused instead."""
+    with pytest.raises(ValueError, match=r"looks like an image file.*Path\("):
+        proc(prompt)
+
+
+def test_literal_text_keeps_a_file_name_as_text(proc):
+    item = proc.encode_prompt(["see dog.png", "dog.png", RED], literal_text=True)
+    assert len(item.pixel_values) == 1
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([["a", RED], RED], r"position 0 is a list.*str or a list"),
+    (["a", RED, None], r"text \(str\) or an image.*position 2 is NoneType"),
+    (["a", RED, 3], r"position 2 is int"),
+])
+def test_a_list_prompt_holds_only_text_and_images(proc, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        proc(prompt)
+
+
+@pytest.mark.parametrize("prompt", [DOG, RED, 3])
+def test_a_prompt_is_a_str_or_a_list(proc, prompt):
+    with pytest.raises(ValueError, match=r"a str .* or a list"):
+        proc(prompt)
+
+
+def test_batch_images_are_one_list_per_prompt(proc):
+    with pytest.raises(ValueError, match="one list of images per prompt"):
+        proc(["<i> a", "<i> b"], images=["x.png", "y.png"])
+
+
+def test_one_image_for_one_placeholder_need_not_be_in_a_list(proc):
+    for image in (RED, DOG, str(DOG)):
+        batch = proc("<i> on the beach", images=image)
+        assert batch["pixel_values"].shape[0] == 1
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kosmos_g.processing as P
+
+    result = doctest.testmod(P, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 2

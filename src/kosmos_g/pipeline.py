@@ -56,7 +56,7 @@ import torch
 from .generation_config import GenerationConfig
 from .kernels import use_matmul_attention_if_small
 from .models import KosmosG, resolve_dtype
-from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt, load_image
+from .processing import ImageLike, KosmosGProcessor, ProcessedPrompt, Prompt, is_single_prompt, load_image
 from .schedulers import SCHEDULERS, scheduler_name
 
 logger = logging.getLogger(__name__)
@@ -116,19 +116,15 @@ def _refuses_old_image_names(fn: Callable) -> Callable:
     return checked
 
 
-def _is_single_prompt(prompt: Any) -> bool:
-    # A string, or a list-form prompt (a list holding at least one image). A list of
-    # only strings / lists is a batch.
-    return isinstance(prompt, str) or (
-        isinstance(prompt, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in prompt))
-
-
 def as_batch(prompt: Prompt | Sequence[Prompt], prompt_images: Any = None, *, name: str = "prompt",
              batch_size: int | None = None) -> list[tuple[Prompt | None, list[ImageLike] | None]]:
     """Normalise one prompt or a batch to ``[(prompt, images), ...]``.
 
-    ``"<i> wearing <i>"`` + ``prompt_images=[dog, hat]`` and ``["A photo of", dog]`` are one
-    prompt each; ``["<i> on grass", "a cat"]`` + ``prompt_images=[[dog], []]`` is a batch.
+    ``"<i> wearing <i>"`` + ``prompt_images=["dog.png", "hat.png"]`` and ``["A photo of",
+    Path("dog.png")]`` are one prompt each: a list is one prompt when it holds an image (a PIL
+    image, numpy array or ``pathlib.Path``; every ``str`` in it is text), see
+    :func:`~kosmos_g.processing.is_single_prompt`. ``["<i> on grass", "a cat"]`` +
+    ``prompt_images=[["dog.png"], []]`` is a batch, as is any list of only ``str`` and lists.
     With ``batch_size``, a single prompt is repeated to that size (negative prompts).
 
     Example:
@@ -139,7 +135,7 @@ def as_batch(prompt: Prompt | Sequence[Prompt], prompt_images: Any = None, *, na
         if prompt_images:
             raise ValueError(f"{name}_images given without a {name}.")
         return [(None, None)] * (batch_size or 1)
-    if _is_single_prompt(prompt):
+    if is_single_prompt(prompt):
         if prompt_images is not None and not isinstance(prompt_images, (list, tuple)):
             prompt_images = [prompt_images]  # one image for a one-placeholder prompt
         pairs = [(prompt, list(prompt_images) if prompt_images is not None else None)]
@@ -687,7 +683,10 @@ class KosmosGPipeline:
         """Generate images from an interleaved prompt (or a batch of them).
 
         ``prompt_images`` fill the prompt's ``<i>`` placeholders in order (for a batch: one
-        list per prompt), ``negative_prompt_images`` those of ``negative_prompt``. ``image``
+        list per prompt), ``negative_prompt_images`` those of ``negative_prompt``. A list
+        prompt places its images itself: ``["A photo of", Path("dog.png"), "on the beach"]``
+        is one prompt (every ``str`` in it is text; images are PIL images, numpy arrays or
+        ``pathlib.Path``), while a list of only ``str`` is a batch. ``image``
         (+ ``mask_image``) switch to img2img (inpainting), with ``strength``;
         ``control_image`` feeds the ControlNet(s). ``num_inference_steps`` and
         ``guidance_scale`` default to :attr:`generation_config`. ``lora_scale`` scales all

@@ -1,8 +1,11 @@
 """Turn interleaved text+image prompts into model inputs.
 
 A prompt is either a string with ``<i>`` placeholders plus an ordered image list,
-``("<i> wearing <i>", [dog, hat])``, or a Python list mixing strings and images,
-``["A photo of", dog, "on the beach"]``. Each image becomes ``<image>``, N slots and
+``("<i> wearing <i>", ["dog.png", hat])``, or a Python list mixing text and images,
+``["A photo of", Path("dog.png"), "on the beach"]``. In the list form every ``str`` is text and
+the images are PIL images, numpy arrays and ``pathlib.Path`` (any ``os.PathLike``); a list is
+one prompt when it holds an image, and a batch of prompts when it holds only ``str`` and lists
+(:func:`is_single_prompt`). Each image becomes ``<image>``, N slots and
 ``</image>`` (N = 64 for the official model); the slots hold the ``<image>`` id and are
 overwritten by the resampler's output inside the model. Every sequence starts with
 ``<s>`` and has no ``</s>``, exactly like the official demo.
@@ -31,8 +34,12 @@ PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
-Segment = Union[str, ImageLike]
+"""An image where only an image can stand (``prompt_images``, ``load_image``): a ``str`` is a path."""
+Segment = Union[str, Image.Image, os.PathLike, np.ndarray]
+"""A piece of a list prompt: a ``str`` is text, everything else an image (:func:`is_image`)."""
 Prompt = Union[str, Sequence[Segment]]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- images
@@ -102,24 +109,73 @@ def preprocess_image(image: Image.Image, size: int, mean: Sequence[float] = CLIP
 
 # ----------------------------------------------------------------------------- prompts
 
+def is_image(segment: object) -> bool:
+    """Whether a list-prompt segment is an image: a PIL image, a numpy array or an ``os.PathLike``
+    such as ``pathlib.Path``. A ``str`` is never an image there: it is text."""
+    return isinstance(segment, (Image.Image, np.ndarray, os.PathLike))
+
+
+def is_single_prompt(prompt: object) -> bool:
+    """Whether ``prompt`` is one prompt rather than a batch: a ``str``, or a list (tuple) holding
+    an image. A list of only ``str`` and lists is a batch, each element one prompt.
+
+    Example:
+        >>> is_single_prompt(["A photo of", Path("dog.png"), "on the beach"]), is_single_prompt(["a", "b"])
+        (True, False)
+    """
+    if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(
+            f"A prompt is a str (with '{PLACEHOLDER}' for its images) or a list of text and images, "
+            f"got {type(prompt).__name__}; for an image alone pass [image]."
+        )
+    return any(not isinstance(p, (str, list, tuple)) for p in prompt)
+
+
+def _looks_like_image_file(text: str) -> bool:
+    """A bare file name with an image suffix: meant as an image, though a str is always text."""
+    text = text.strip()
+    return bool(text) and not any(c.isspace() for c in text) and text.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _refuse_image_file_name(text: str) -> None:
+    if _looks_like_image_file(text):
+        raise ValueError(
+            f"{text!r} looks like an image file, but a str in a prompt is always text (and a list of "
+            f"only str is a batch of text prompts): put '{PLACEHOLDER}' in the text and pass the image "
+            f"with it, or in a list prompt pass Path({text!r}) or a PIL image."
+        )
+
+
 def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
                  literal_text: bool = False) -> list[Segment]:
     """Normalise either prompt form to an ordered list of text and image segments.
 
-    A list prompt places its images itself, so a ``<i>`` inside one of its strings is
-    most likely a forgotten placeholder and raises; with ``literal_text=True`` (training
-    data, whose captions may hold HTML italics) such text is kept as plain text.
+    In a list prompt every ``str`` is text and every PIL image, numpy array and
+    ``pathlib.Path`` an image (:func:`is_image`); anything else, a nested list included, is
+    refused. It places its images itself, so a ``<i>`` inside one of its strings is most
+    likely a forgotten placeholder and raises. So does text that is just an image file name
+    (``"dog.png"``), meant as an image but read as words. With ``literal_text=True``
+    (training data, whose captions may hold HTML italics or file names) such text is kept.
 
-    Image paths given as ``str`` become :class:`~pathlib.Path` segments, so that every
-    ``str`` segment is text and every other segment an image.
+    Image paths given as ``str`` in ``images`` become :class:`~pathlib.Path` segments, so
+    that every ``str`` segment is text and every other segment an image. One image for a
+    one-placeholder prompt may be given without a list.
 
     Example:
         >>> split_prompt("<i> wearing <i>", ["dog.png", "hat.png"])
         ['', PosixPath('dog.png'), ' wearing ', PosixPath('hat.png'), '']
     """
     if isinstance(prompt, str):
-        images = list(images or [])
+        if images is None:
+            images = []
+        elif isinstance(images, str) or is_image(images):
+            images = [images]  # one image for a one-placeholder prompt
+        images = list(images)
         n = prompt.count(PLACEHOLDER)
+        if not n and not literal_text:
+            _refuse_image_file_name(prompt)
         if n != len(images):
             raise ValueError(
                 f"Prompt {prompt!r} has {n} '{PLACEHOLDER}' placeholder(s) but {len(images)} image(s) "
@@ -130,14 +186,25 @@ def split_prompt(prompt: Prompt, images: Sequence[ImageLike] | None = None, *,
         for image, text in zip(images, texts[1:]):
             segments += [Path(image) if isinstance(image, str) else image, text]
         return segments
+    if not isinstance(prompt, (list, tuple)):
+        is_single_prompt(prompt)  # raises, naming what a prompt is
     if images:
-        raise ValueError("Pass images either inside the list prompt or as `images=`, not both.")
+        raise ValueError("Pass images either inside the list prompt or as its image list, not both.")
     segments = list(prompt)
-    for seg in segments:
-        if not literal_text and isinstance(seg, str) and PLACEHOLDER in seg:
+    for k, seg in enumerate(segments):
+        if isinstance(seg, str):
+            if not literal_text and PLACEHOLDER in seg:
+                raise ValueError(
+                    f"List prompts place images directly; found '{PLACEHOLDER}' in {seg!r}. "
+                    "Replace it with the image itself (or pass literal_text=True to keep it as text)."
+                )
+            if not literal_text:
+                _refuse_image_file_name(seg)
+        elif not is_image(seg):
+            what = "a list" if isinstance(seg, (list, tuple)) else type(seg).__name__
             raise ValueError(
-                f"List prompts place images directly; found '{PLACEHOLDER}' in {seg!r}. "
-                "Replace it with the image itself (or pass literal_text=True to keep it as text)."
+                f"A list prompt holds text (str) or an image (PIL image, numpy array, pathlib.Path), "
+                f"but position {k} is {what}. For a batch, make every prompt a str or a list."
             )
     return segments
 
@@ -225,9 +292,7 @@ class KosmosGProcessor:
         (B, T) bool (the slots), and ``pixel_values`` (N, 3, S, S) for all N images of
         the batch in prompt order (N may be 0).
         """
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and any(not isinstance(p, (str, list, tuple)) for p in prompts))
-        if single:
+        if is_single_prompt(prompts):
             batch, batch_images = [prompts], [images]
         else:
             batch = list(prompts)
@@ -237,9 +302,9 @@ class KosmosGProcessor:
                 batch_images = [None] * len(batch)
             else:
                 batch_images = list(images)
-                if len(batch_images) != len(batch):
+                if len(batch_images) != len(batch) or any(not isinstance(im, (list, tuple)) for im in batch_images):
                     raise ValueError(
-                        f"Got {len(batch)} prompts but {len(batch_images)} image lists; pass one list "
+                        f"Got {len(batch)} prompts and {len(batch_images)} image entries; pass one list "
                         "of images per prompt (an empty list for a text-only prompt)."
                     )
         return self.collate([self.encode_prompt(p, im) for p, im in zip(batch, batch_images)])
