@@ -1,8 +1,10 @@
 """The official-checkpoint converter.
 
 A tiny state dict in the OFFICIAL key layout (fairseq/torchscale/open_clip names) is
-pickled the way a fairseq trainer saves it (argparse ``args``, an omegaconf-like ``cfg``,
-optimizer and metrics state), converted through the CLI and the Python API, and our
+pickled the way the release's fairseq trainer saves it (``cfg`` a plain dict, ``args``
+None, every tensor fp32 holding fp16 training values, ``output_projection`` a separate copy
+of ``embed_tokens``, frozen U-Net/VAE copies, optimizer and metrics state), converted
+through the CLI and the Python API, and our
 ``KosmosG.encode`` is checked against a reference forward written below in plain torch
 ops, directly on the official tensors, from the official semantics: fairseq sinusoidal
 positions from padding_idx + 1 with [sin | cos] halves, sqrt(d) scaling of tokens and
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import os
+import subprocess
 import sys
 import types
 import typing
@@ -35,6 +40,7 @@ from kosmos_g import KosmosG, KosmosGProcessor
 from kosmos_g.cli import main
 from kosmos_g.convert import (UnsafeCheckpointError, convert_official, convert_official_state_dict,
                               load_official_checkpoint)
+from kosmos_g.convert.official import PickledObject, to_plain
 from kosmos_g.testing import make_tiny_tokenizer
 
 # Tiny official-layout sizes (they equal the `tiny` preset, except the vocabulary, which is
@@ -135,8 +141,8 @@ def official_state_dict(vocab: int, seed: int = 0, s: Sizes = Sizes(), device: s
     for i in range(s.adec):
         torchscale_layer(f"aligner.encoder.layers.{i}", s.aw, s.affn, cross=True)
     norm("aligner.encoder.layer_norm", s.aw)
-    # what inference ignores
-    sd["gpt_model.decoder.output_projection.weight"] = sd["gpt_model.decoder.embed_tokens.weight"]  # tied
+    # what inference ignores; fairseq's save casts each tensor on its own, so the tied head is a copy
+    sd["gpt_model.decoder.output_projection.weight"] = sd["gpt_model.decoder.embed_tokens.weight"].clone()
     sd["gpt_model.decoder.embed_positions._float_tensor"] = rand(1, std=0.0)
     sd["gpt_model.decoder.self_attn_sope.scale"] = rand(s.d // s.heads // 2, std=1.0)
     sd["aligner.decoder_query"] = rand(s.apos, s.aw, std=1.0)
@@ -145,7 +151,8 @@ def official_state_dict(vocab: int, seed: int = 0, s: Sizes = Sizes(), device: s
     sd["aligner.clip_encoder.text_model.final_layer_norm.weight"] = rand(s.aw, std=1.0)
     sd["diffusion_unet.unet.x"] = rand(3, std=1.0)
     sd["vae.vae.y"] = rand(3, std=1.0)
-    return sd
+    # fp32 holding fp16 values: the release trained in fp16 and fairseq saves fp32 copies
+    return sd if device == "meta" else {k: v.half().float() for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------- a fairseq-like pickle
@@ -227,15 +234,12 @@ def fake_omegaconf_importable():
                 sys.modules[module] = old
 
 
-def fairseq_checkpoint(model: dict, heads: int = HEADS) -> dict:
+def _trainer_state(model: dict) -> dict:
+    """Everything but args/cfg, as fairseq's Trainer.state_dict() and save_checkpoint() write it."""
+    weights = OrderedDict(model)  # nn.Module.state_dict(): an OrderedDict with version metadata
+    weights._metadata = OrderedDict([("", {"version": 1}), ("gpt_model", {"version": 1})])
     return {
-        "args": argparse.Namespace(arch="kosmosg_xl", decoder_attention_heads=heads, tokens_per_sample=2048,
-                                   subln=True, flash_attention=True, latent_query_num=QUERIES),
-        "cfg": fake_dictconfig({"model": {"_name": "kosmosg", "decoder_attention_heads": heads,
-                                          "decoder_layers": LAYERS, "no_freeze_layer": "resblocks.1,ln_post"},
-                                "task": {"_name": "kosmosg", "image_token_length": QUERIES},
-                                "common": {"seed": 0, "user_dir": ["unilm"]}}),
-        "model": model,
+        "model": weights,
         "criterion": None,
         "optimizer_history": [{"criterion_name": "KosmosGLoss", "optimizer_name": "MemoryEfficientFP16Optimizer",
                                "lr_scheduler_state": {"best": None}, "num_updates": 7}],
@@ -248,6 +252,34 @@ def fairseq_checkpoint(model: dict, heads: int = HEADS) -> dict:
                                            "random_state": np.arange(4, dtype=np.uint32)}},
         "last_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}},
                                  "param_groups": [{"lr": [1e-3], "betas": (0.9, 0.98)}], "loss_scale": 4.0},
+    }
+
+
+def fairseq_checkpoint(model: dict, heads: int = HEADS) -> dict:
+    """The release's format: fairseq's Trainer.state_dict() stores ``cfg`` as
+    OmegaConf.to_container(...) (plain dicts and lists) and ``args`` as None."""
+    cfg = {"_name": None,
+           "common": {"seed": 0, "memory_efficient_fp16": True, "fp16": True, "user_dir": None},
+           "model": {"_name": "kosmosg_xl", "decoder_attention_heads": heads, "decoder_layers": LAYERS,
+                     "decoder_embed_dim": D, "tokens_per_sample": 2048, "max_target_positions": None,
+                     "subln": True, "flash_attention": True, "latent_query_num": QUERIES,
+                     "no_freeze_layer": "resblocks.1,ln_post", "adam_betas": [0.9, 0.98]},
+           "task": {"_name": "kosmosg", "tokens_per_sample": 2048, "required_batch_size_multiple": 1,
+                    "dict_path": "data/dict.txt", "image_token_length": QUERIES},
+           "dataset": {"required_batch_size_multiple": 1, "batch_size": 2}}
+    return {"args": None, "cfg": cfg, **_trainer_state(model)}
+
+
+def omegaconf_fairseq_checkpoint(model: dict, heads: int = HEADS) -> dict:
+    """What other fairseq versions write: an argparse ``args`` and the omegaconf DictConfig itself."""
+    return {
+        "args": argparse.Namespace(arch="kosmosg_xl", decoder_attention_heads=heads, tokens_per_sample=2048,
+                                   subln=True, flash_attention=True, latent_query_num=QUERIES),
+        "cfg": fake_dictconfig({"model": {"_name": "kosmosg", "decoder_attention_heads": heads,
+                                          "decoder_layers": LAYERS, "no_freeze_layer": "resblocks.1,ln_post"},
+                                "task": {"_name": "kosmosg", "image_token_length": QUERIES},
+                                "common": {"seed": 0, "user_dir": ["unilm"]}}),
+        **_trainer_state(model),
     }
 
 
@@ -429,7 +461,7 @@ def _images(n: int, seed: int = 0):
 # ----------------------------------------------------------------------------- tests
 
 def test_parity_with_reference_forward(official, converted, tmp_path):
-    api_out = convert_official(official.ckpt, official.dict, official.spm, tmp_path / "api")
+    api_out = convert_official(official.ckpt, official.dict, official.spm, tmp_path / "api", dtype="fp32")
     images = _images(3)
     expected_ids, expected_mask, n_symbols = reference_inputs(official.tok, PROMPTS)
     assert n_symbols == official.vocab
@@ -477,7 +509,7 @@ def test_converted_config_and_round_trip(official, converted, tmp_path):
 
 
 def test_dtype_and_overwrite(official, tmp_path):
-    out = convert_official(official.ckpt, official.dict, official.spm, tmp_path / "half", dtype="fp16")
+    out = convert_official(official.ckpt, official.dict, official.spm, tmp_path / "half")  # fp16 by default
     assert all(t.dtype == torch.float16 for t in load_file(str(out / "model.safetensors")).values())
     assert KosmosG.from_pretrained(out, dtype="fp32").dtype == torch.float32
     with pytest.raises(ValueError, match="not empty"):
@@ -489,16 +521,39 @@ def test_dtype_and_overwrite(official, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
-def test_safe_load_reads_the_fairseq_metadata(official):
+def test_fixture_is_in_the_release_format(official):
     ckpt = load_official_checkpoint(official.ckpt)
-    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].decoder_attention_heads == HEADS
-    from kosmos_g.convert.official import PickledObject, to_plain
+    assert ckpt["args"] is None and type(ckpt["cfg"]) is dict
+    assert ckpt["cfg"]["model"]["decoder_attention_heads"] == HEADS
+    model = ckpt["model"]
+    assert all(t.dtype == torch.float32 for t in model.values())
+    embed, head = model["gpt_model.decoder.embed_tokens.weight"], model["gpt_model.decoder.output_projection.weight"]
+    assert torch.equal(embed, head) and embed.untyped_storage().data_ptr() != head.untyped_storage().data_ptr()
+    assert any(k.startswith("diffusion_unet.unet.") for k in model) and any(k.startswith("vae.vae.") for k in model)
+    assert ckpt["extra_state"]["metrics"]["train"][0][3]["val"] == 2.5
 
+
+def test_the_copied_lm_head_is_dropped_quietly(official, caplog):
+    with caplog.at_level("INFO", logger="kosmos_g.convert.official"):
+        ours, _ = convert_official_state_dict(fairseq_checkpoint(official.sd))
+    assert "differs" not in caplog.text and "a saved copy of embed_tokens" in caplog.text
+    assert not any("diffusion_unet" in k or "vae" in k or "output_projection" in k for k in ours)
+    head = {**official.sd, "gpt_model.decoder.output_projection.weight": torch.zeros(official.vocab, D)}
+    convert_official_state_dict(fairseq_checkpoint(head))
+    assert "output_projection differs from embed_tokens" in caplog.text
+
+
+def test_older_fairseq_omegaconf_cfg_loads_safely(official, tmp_path):
+    path = save_checkpoint(omegaconf_fairseq_checkpoint(official.sd), tmp_path / "omegaconf.pt")
+    ckpt = load_official_checkpoint(path)
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].decoder_attention_heads == HEADS
     assert isinstance(ckpt["cfg"], PickledObject)
     plain = to_plain(ckpt["cfg"])
     assert plain["model"]["decoder_attention_heads"] == HEADS and plain["common"]["user_dir"] == ["unilm"]
-    assert ckpt["extra_state"]["metrics"]["train"][0][3]["val"] == 2.5
     assert torch.equal(ckpt["model"]["vae.vae.y"], official.sd["vae.vae.y"])
+    ours, cfg = convert_official_state_dict(ckpt)
+    reference, reference_cfg = convert_official_state_dict(fairseq_checkpoint(official.sd))
+    assert cfg == reference_cfg and ours.keys() == reference.keys()
 
 
 def test_unexpected_global_is_refused_unless_trusted(official, tmp_path, capsys):
@@ -553,14 +608,17 @@ def test_head_counts(official):
     # the checkpoint's own decoder_attention_heads wins (MLLM and the resampler share it)
     _, cfg = convert_official_state_dict(fairseq_checkpoint(official.sd, heads=2))
     assert cfg.mllm.num_heads == 2 and cfg.resampler.num_heads == 2 and cfg.vision.num_heads == VHEADS
-    # a bare state dict whose MLLM matches no preset: heads unknown
-    with pytest.raises(ValueError, match="decoder_attention_heads.*--config"):
+    # a bare state dict records no head count: the config must say it
+    with pytest.raises(ValueError, match=r"no MLLM head count.*--config PRESET_OR_CONFIG_JSON"):
         convert_official_state_dict(official.sd)
-    # an explicit config is checked against the shapes
+    # an explicit config is checked against the shapes and the recorded head count
     _, cfg = convert_official_state_dict(fairseq_checkpoint(official.sd))
     assert convert_official_state_dict(official.sd, cfg)[1] == cfg
+    assert convert_official_state_dict(fairseq_checkpoint(official.sd), cfg)[1] == cfg
     with pytest.raises(ValueError, match="mllm.vocab_size"):
         convert_official_state_dict(official.sd, "tiny")
+    with pytest.raises(ValueError, match=r"mllm\.num_heads: checkpoint decoder_attention_heads 2, config 4"):
+        convert_official_state_dict(fairseq_checkpoint(official.sd, heads=2), cfg)
 
 
 def test_vit_attention_sources(official):
@@ -598,10 +656,129 @@ def test_bad_paths_and_values(official, tmp_path, capsys):
         convert_official(tmp_path / "missing.pt", official.dict, official.spm, tmp_path / "o")
     with pytest.raises(ValueError, match="fp8"):
         convert_official(official.ckpt, official.dict, official.spm, tmp_path / "o", dtype="fp8")
-    rc = main(["convert-official", str(tmp_path / "missing.pt"), "--dict", str(official.dict),
-               "--spm", str(official.spm), "-o", str(tmp_path / "o")])
-    assert rc == 2 and "missing.pt" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        convert_official(official.ckpt, official.dict, official.spm, tmp_path / "o", config=tmp_path / "c.json")
+    (tmp_path / "bad.json").write_text("{\"mllm\": ", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.json is not a kosmos-g config\.json"):
+        convert_official(official.ckpt, official.dict, official.spm, tmp_path / "o", config=tmp_path / "bad.json")
     assert not (tmp_path / "o").exists()
+
+
+def test_fp16_is_checked_against_the_fp32_weights(official, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="kosmos_g.convert.official"):
+        convert_official(official.ckpt, official.dict, official.spm, tmp_path / "exact")
+    assert "hold exactly the same values in float16" in caplog.text
+    key = "img_connector.latent_query"
+    finer = {**official.sd, key: official.sd[key] + 1e-6}  # not fp16 values any more
+    with caplog.at_level("WARNING", logger="kosmos_g.convert.official"):
+        out = convert_official(fairseq_checkpoint(finer), official.dict, official.spm, tmp_path / "finer")
+    assert "1 of " in caplog.text and "resampler.latents" in caplog.text and "--dtype fp32" in caplog.text
+    assert load_file(str(out / "model.safetensors"))["resampler.latents"].dtype == torch.float16
+    huge = {**official.sd, key: official.sd[key] * 1e6}  # beyond fp16's 65,504
+    with pytest.raises(ValueError, match=r"beyond float16's range, e\.g\. resampler\.latents.*--dtype bf16 or fp32"):
+        convert_official(fairseq_checkpoint(huge), official.dict, official.spm, tmp_path / "huge")
+    out = convert_official(fairseq_checkpoint(huge), official.dict, official.spm, tmp_path / "huge", dtype="fp32")
+    assert torch.equal(load_file(str(out / "model.safetensors"))["resampler.latents"], huge[key])
+    assert not (tmp_path / "huge-fp16").exists()
+
+
+def test_bare_model_state_dict_needs_a_config(official, converted, tmp_path, capsys):
+    bare = tmp_path / "weights-only.pt"
+    torch.save(OrderedDict(official.sd), bare)  # a file of the model's tensors alone, no cfg
+    argv = ["convert-official", str(bare), "--dict", str(official.dict), "--spm", str(official.spm)]
+    assert main([*argv, "-o", str(tmp_path / "no-config")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bare) in err[0] and "no MLLM head count" in err[0] and "--config" in err[0]
+    assert not (tmp_path / "no-config").exists()
+
+    assert main([*argv, "-o", str(tmp_path / "out"), "--config", str(converted / "config.json"),
+                 "--dtype", "fp32"]) == 0
+    assert KosmosG.from_pretrained(tmp_path / "out").config == KosmosG.from_pretrained(converted).config
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    reference = load_file(str(converted / "model.safetensors"))
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    # a config that does not fit the tensors is refused before anything is written
+    assert main([*argv, "-o", str(tmp_path / "tiny"), "--config", "tiny"]) == 2
+    assert "mllm.vocab_size" in capsys.readouterr().err and not (tmp_path / "tiny").exists()
+
+
+def _cli_error_cases(official, tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
+    """name -> (convert-official arguments, the file the error must name, what it must say)."""
+    data = official.ckpt.read_bytes()
+    files = {"empty.pt": b"", "head30.pt": data[:30], "half.pt": data[:len(data) // 2],
+             "no-tail.pt": data[:-10], "text.pt": b"not a checkpoint\n", "garbage.model": bytes(range(256)) * 4,
+             "binary-dict.txt": b"\xff\xfe\x00\x81 12\n"}
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)
+    legacy = tmp / "legacy.pt"
+    torch.save({"model": {"w": torch.zeros(8)}}, legacy, _use_new_zipfile_serialization=False)
+    (tmp / "legacy30.pt").write_bytes(legacy.read_bytes()[:30])
+    (tmp / "ckpt-dir").mkdir()
+    (tmp / "dict-dir").mkdir()
+
+    def ckpt(path: Path, expect: str) -> tuple[list[str], Path, str]:
+        return [str(path), "--dict", str(official.dict), "--spm", str(official.spm)], path, expect
+
+    def tok(dict_path: Path, spm_path: Path, named: Path, expect: str) -> tuple[list[str], Path, str]:
+        return [str(official.ckpt), "--dict", str(dict_path), "--spm", str(spm_path)], named, expect
+
+    return {
+        "0-byte checkpoint": ckpt(tmp / "empty.pt", "is empty (0 bytes)"),
+        "30-byte checkpoint": ckpt(tmp / "head30.pt", "is truncated"),
+        "half a checkpoint": ckpt(tmp / "half.pt", "is truncated"),
+        "checkpoint without its last bytes": ckpt(tmp / "no-tail.pt", "is truncated"),
+        "30 bytes of a legacy-format checkpoint": ckpt(tmp / "legacy30.pt", "not a readable torch checkpoint"),
+        "text file as checkpoint": ckpt(tmp / "text.pt", "is not a torch checkpoint"),
+        "directory as checkpoint": ckpt(tmp / "ckpt-dir", "is a directory"),
+        "missing checkpoint": ckpt(tmp / "missing.pt", "not found"),
+        "missing --dict": tok(tmp / "nope.txt", official.spm, tmp / "nope.txt", "dictionary not found"),
+        "directory as --dict": tok(tmp / "dict-dir", official.spm, tmp / "dict-dir", "is a directory"),
+        "binary --dict": tok(tmp / "binary-dict.txt", official.spm, tmp / "binary-dict.txt",
+                             "not a fairseq dictionary"),
+        "garbage --spm": tok(official.dict, tmp / "garbage.model", tmp / "garbage.model",
+                             "is not a SentencePiece model"),
+        "missing --spm": tok(official.dict, tmp / "nope.model", tmp / "nope.model", "SentencePiece model not found"),
+    }
+
+
+CLI_ERROR_CASES = ["0-byte checkpoint", "30-byte checkpoint", "half a checkpoint", "checkpoint without its last bytes",
+                   "30 bytes of a legacy-format checkpoint", "text file as checkpoint", "directory as checkpoint",
+                   "missing checkpoint", "missing --dict", "directory as --dict", "binary --dict", "garbage --spm",
+                   "missing --spm"]
+
+
+@pytest.mark.parametrize("case", CLI_ERROR_CASES)
+def test_cli_errors_are_one_line(official, tmp_path, capsys, monkeypatch, case):
+    cases = _cli_error_cases(official, tmp_path)
+    assert sorted(cases) == sorted(CLI_ERROR_CASES)
+    args, named, expect = cases[case]
+    out = tmp_path / "out"
+    monkeypatch.delenv("KOSMOS_G_DEBUG", raising=False)
+    assert main(["convert-official", *args, "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("kosmos-g convert-official: error: ") and str(named) in lines[0]
+    assert expect in lines[0] and "Traceback" not in captured.err and not captured.out
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setenv("KOSMOS_G_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(expect)):
+        main(["convert-official", *args, "-o", str(out)])
+
+
+def test_cli_error_in_a_fresh_process_is_one_stderr_line(official, tmp_path):
+    # the real entry point configures logging and warnings itself: still nothing but the error
+    half = tmp_path / "half.pt"
+    data = official.ckpt.read_bytes()
+    half.write_bytes(data[:len(data) // 2])
+    env = {k: v for k, v in os.environ.items() if k != "KOSMOS_G_DEBUG"}
+    run = subprocess.run([sys.executable, "-m", "kosmos_g.cli", "convert-official", str(half), "--dict",
+                          str(official.dict), "--spm", str(official.spm), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.splitlines() == [f"kosmos-g convert-official: error: Checkpoint {half} is truncated: a torch "
+                                       f"zip archive without its end ({half.stat().st_size:,} bytes); download or "
+                                       "copy it again."]
 
 
 def test_official_sizes_give_the_kosmos_g_preset():
@@ -611,5 +788,8 @@ def test_official_sizes_give_the_kosmos_g_preset():
     sd = official_state_dict(64007, s=OFFICIAL_SIZES, device="meta")
     state, cfg = convert_official_state_dict(fairseq_checkpoint(sd, heads=32))
     assert cfg == get_preset("kosmos-g")
-    assert convert_official_state_dict(sd)[1] == cfg  # no args: the matching preset gives the heads
     assert state["aligner.in_positions"].shape == (32768, 768)
+    # model tensors alone: --config kosmos-g, which the error names, says the architecture
+    with pytest.raises(ValueError, match="--config kosmos-g, the preset these sizes match"):
+        convert_official_state_dict(sd)
+    assert convert_official_state_dict(sd, "kosmos-g")[1] == cfg

@@ -1,15 +1,18 @@
 """Convert the released Kosmos-G checkpoint (a fairseq trainer state) to a kosmos-g folder.
 
-The official ``checkpoint_final.pt`` is a pickle: besides the weights (``model``) it holds
-the training ``args``/``cfg`` (argparse and omegaconf objects), optimizer history and
-metrics. Loading it needs neither fairseq, torchscale nor omegaconf here:
+The official ``checkpoint_final.pt`` is a pickle (torch's zip format): besides the weights
+(``model``, every tensor fp32: fairseq casts the fp16 training weights up when it saves) it
+holds the training ``cfg`` (a plain dict; ``args`` is None), optimizer history and metrics.
+Loading it needs neither fairseq, torchscale nor omegaconf here:
 
 - :func:`load_official_checkpoint` runs ``torch.load(weights_only=True)`` with an
-  allow-list of exactly the non-tensor globals such a checkpoint holds. Classes that are
-  not importable here (omegaconf containers and nodes, typing annotations) are replaced by
-  inert stand-ins (:class:`PickledObject`, :class:`TypeRef`) that only store the pickled
-  state, so no code from those packages runs. Anything else is refused, naming the global;
-  ``trust_pickle=True`` (CLI ``--trust-pickle``) does a full, unsafe load instead.
+  allow-list of exactly the non-tensor globals a fairseq checkpoint may hold. Classes that
+  are not importable here (omegaconf containers and nodes, which other fairseq versions
+  pickle as ``cfg``, and typing annotations) are replaced by inert stand-ins
+  (:class:`PickledObject`, :class:`TypeRef`) that only store the pickled state, so no code
+  from those packages runs. Anything else is refused, naming the global;
+  ``trust_pickle=True`` (CLI ``--trust-pickle``) does a full, unsafe load instead. An
+  empty, truncated or non-torch file is reported as such, naming it.
 - :func:`convert_official_state_dict` maps every official key to ours (torchscale
   ``self_attn``/``ffn``/sub-LN names -> our ``Block``; open_clip ViT -> transformers CLIP;
   the "xconnector" -> :class:`~kosmos_g.models.resampler.Resampler`; AlignerNet M), infers
@@ -21,7 +24,7 @@ metrics. Loading it needs neither fairseq, torchscale nor omegaconf here:
 Example:
     >>> from kosmos_g.convert import convert_official
     >>> convert_official("checkpoint_final.pt", "data/dict.txt", "data/sentencepiece.bpe.model",
-    ...                  "checkpoints/kosmos-g", dtype="fp16")  # doctest: +SKIP
+    ...                  "checkpoints/kosmos-g")  # doctest: +SKIP
     PosixPath('checkpoints/kosmos-g')
 """
 
@@ -51,18 +54,18 @@ from ..config import KosmosGConfig, get_preset, list_presets
 from ..fileio import atomic_dir
 from ..models.kosmos_g import KosmosG, resolve_dtype
 from ..processing import KosmosGProcessor
-from ..tokenizer import FairseqTokenizer
+from ..tokenizer import FairseqTokenizer, require_file
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PickledObject", "TypeRef", "UnsafeCheckpointError", "convert_official",
+__all__ = ["PickledObject", "TypeRef", "UnsafeCheckpointError", "check_checkpoint_file", "convert_official",
            "convert_official_state_dict", "load_official_checkpoint", "strip_wrapper_prefixes"]
 
 
 # ============================================================================ safe loading
 
 class UnsafeCheckpointError(ValueError):
-    """The checkpoint pickles something outside the allow-list (or is not a torch file)."""
+    """The checkpoint pickles something outside the allow-list."""
 
 
 class PickledObject:
@@ -203,22 +206,27 @@ def load_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False
     """Load a fairseq checkpoint without running code from it (unless ``trust_pickle``).
 
     Tensors come back memory-mapped when the file is in torch's zip format, so a
-    checkpoint larger than RAM still loads.
+    checkpoint larger than RAM still loads. A file that is missing, a directory, empty,
+    truncated or not a torch file raises a one-line error naming it.
 
     Example:
         >>> ckpt = load_official_checkpoint("checkpoint_final.pt")  # doctest: +SKIP
         >>> sorted(ckpt)  # doctest: +SKIP
-        ['args', 'cfg', 'criterion', 'extra_state', 'model', 'optimizer_history', 'task_state']
+        ['args', 'cfg', 'criterion', 'extra_state', 'last_optimizer_state', 'model', 'optimizer_history', 'task_state']
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    mmap = zipfile.is_zipfile(path)  # torch can only memory-map its zip format
+    mmap = check_checkpoint_file(path)  # torch can only memory-map its zip format
     if trust_pickle:
         warnings.warn(
             f"Fully unpickling {path} (trust_pickle=True): a pickle can execute arbitrary code. "
             "Only do this for a file you trust.", UserWarning, stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=_trusting_pickle)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap,
+                              pickle_module=_trusting_pickle)
+        except MemoryError:
+            raise
+        except Exception as e:  # a full unpickle fails in many ways on a damaged file
+            raise _unreadable(path, e) from e
     if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
         # safe_globals with (object, "module.Name") entries, which the stand-ins need, is torch 2.6+.
         raise UnsafeCheckpointError(
@@ -228,7 +236,7 @@ def load_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False
         if mmap:
             try:  # static scan first, so the error names every refused global at once
                 refused = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            except Exception:  # unusual pickle opcodes: let the loader itself decide
+            except Exception:  # unusual pickle opcodes or a damaged archive: let the loader itself decide
                 refused = []
             if refused:
                 raise UnsafeCheckpointError(_refusal_message(path, refused))
@@ -240,13 +248,57 @@ def load_official_checkpoint(path: str | os.PathLike, trust_pickle: bool = False
                 raise UnsafeCheckpointError(_refusal_message(path, refused)) from None
             # torch wraps the unpickler's own message in advice about weights_only; keep the message.
             found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
-            reason = " ".join((found.group(1) if found else str(e)).split())
+            if not found:  # not the weights-only unpickler refusing: the pickle itself is broken
+                raise _unreadable(path, e) from e
             raise UnsafeCheckpointError(
-                f"Safe loading of {path} failed ({reason}). If it is a torch checkpoint you trust, re-run with "
-                "--trust-pickle (Python: trust_pickle=True) for a full pickle load, which can execute "
-                "arbitrary code.") from e
-        except RuntimeError as e:
-            raise ValueError(f"{path} is not a readable torch checkpoint: {' '.join(str(e).split())}") from e
+                f"Safe loading of {path} failed ({_one_line(found.group(1))}). If it is a torch checkpoint you "
+                "trust, re-run with --trust-pickle (Python: trust_pickle=True) for a full pickle load, which can "
+                "execute arbitrary code.") from e
+        except MemoryError:
+            raise
+        except Exception as e:  # EOFError, struct.error, OSError, RuntimeError (miniz), ...: a damaged file
+            raise _unreadable(path, e) from e
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is in torch's zip format (else its legacy pickle format); a one-line
+    error naming the file when it is missing, a directory, empty, or visibly not a whole
+    torch checkpoint. Reads only the file's first and last bytes.
+
+    Example:
+        >>> check_checkpoint_file("checkpoint_final.pt")  # doctest: +SKIP
+        True
+    """
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ValueError(f"Checkpoint {path} is a directory; pass the checkpoint file itself{hint}.")
+    require_file(path, "Checkpoint")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"Checkpoint {path} is empty (0 bytes); the download or copy did not finish.")
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):  # a zip whose end-of-archive record is gone: cut off
+        raise ValueError(f"Checkpoint {path} is truncated: a torch zip archive without its end ({size:,} bytes); "
+                         "download or copy it again.")
+    if not head.startswith(b"\x80"):  # torch's legacy format starts with a pickle PROTO opcode
+        raise ValueError(f"{path} is not a torch checkpoint: it starts with {head!r}, neither a zip archive (PK) "
+                         "nor a pickle.")
+    return False
+
+
+def _unreadable(path: Path, error: BaseException) -> ValueError:
+    reason = _one_line(error).split(" This is an internal miniz error")[0] or type(error).__name__  # drop the advice
+    return ValueError(f"Checkpoint {path} is not a readable torch checkpoint ({path.stat().st_size:,} bytes; "
+                      f"{reason[:200]}); it is probably truncated or damaged: download or copy it again.")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
 
 
 def to_plain(obj: Any) -> Any:
@@ -342,7 +394,7 @@ ALIGNER_ENCODER, ALIGNER_DECODER = "aligner.encoder_proj.layers", "aligner.encod
 
 # Keys inference does not need, with the reason (logged).
 _IGNORED_KEYS = {
-    f"{MLLM}.output_projection.weight": "tied LM head (same tensor as embed_tokens)",
+    f"{MLLM}.output_projection.weight": "LM head (a saved copy of embed_tokens; kosmos-g ties them)",
     f"{MLLM}.embed_positions._float_tensor": "fairseq dtype marker of the sinusoidal table",
     f"{MLLM}.self_attn_sope.scale": "xPos buffer the official decoder never applies",
     f"{MLLM}.version": "fairseq version marker",
@@ -521,7 +573,10 @@ def _as_config(config: KosmosGConfig | str | os.PathLike) -> KosmosGConfig:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"Config {config!r} is neither a preset ({list_presets()}) nor a config.json file.")
-    return KosmosGConfig.load(path)
+    try:
+        return KosmosGConfig.load(path)
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or mistyped fields
+        raise ValueError(f"{path} is not a kosmos-g config.json: {_one_line(e)}") from e
 
 
 def _fmt(sizes: dict[str, int]) -> str:
@@ -530,13 +585,20 @@ def _fmt(sizes: dict[str, int]) -> str:
 
 def _resolve_config(sizes: dict[str, dict[str, int]], settings: dict[str, Any],
                     config: KosmosGConfig | str | os.PathLike | None) -> KosmosGConfig:
-    """A config with the checkpoint's sizes; head counts from ``config``, the checkpoint's
-    own ``decoder_attention_heads``, or the preset whose sizes match (in that order)."""
+    """A config with the checkpoint's sizes. The MLLM's (and the resampler's) head count is
+    the checkpoint's own ``decoder_attention_heads`` or ``config``'s, which must then agree;
+    the vision tower's and AlignerNet's come from the preset whose sizes match (the
+    official code fixes them; tensor shapes cannot tell them)."""
+    heads = settings.get("decoder_attention_heads")  # what the checkpoint was trained with
     if config is not None:
         config = _as_config(config)
         wrong = [f"{comp}.{k}: checkpoint {v}, config {getattr(getattr(config, comp), k)}"
                  for comp, values in sizes.items() for k, v in values.items()
                  if getattr(getattr(config, comp), k) != v]
+        if heads is not None:
+            wrong += [f"{comp}.num_heads: checkpoint decoder_attention_heads {heads}, config {part.num_heads}"
+                      for comp, part in (("mllm", config.mllm), ("resampler", config.resampler))
+                      if part.num_heads != int(heads)]
         if wrong:
             raise ValueError("The checkpoint does not match the given config:\n  " + "\n  ".join(wrong))
         return config
@@ -549,40 +611,38 @@ def _resolve_config(sizes: dict[str, dict[str, int]], settings: dict[str, Any],
             return False
         return all(getattr(part, k) == v for k, v in sizes[comp].items())
 
-    def matching(comp: str) -> KosmosGConfig | None:
-        return next((get_preset(n) for n in presets if matches(get_preset(n), comp)), None)
+    def matching(comp: str) -> str | None:
+        return next((n for n in presets if matches(get_preset(n), comp)), None)
 
+    whole = next((n for n in presets if all(matches(get_preset(n), c) for c in sizes)), None)
     parts: dict[str, Any] = {}
     problems = []
+    if heads is None:
+        problems.append("it records no MLLM head count (cfg.model.decoder_attention_heads or "
+                        "args.decoder_attention_heads; a file of model weights alone has neither)")
     for comp in ("vision", "aligner"):
-        preset = matching(comp)
-        if preset is None:
+        name = matching(comp)
+        if name is None:
             problems.append(f"{comp} ({_fmt(sizes[comp])}) matches no preset, so its head count is unknown")
         else:
-            parts[comp] = dataclasses.replace(getattr(preset, comp), **sizes[comp])
-    mllm_preset = matching("mllm")
-    heads = settings.get("decoder_attention_heads")  # what the checkpoint was trained with
-    if heads is None and mllm_preset is not None:
-        heads = mllm_preset.mllm.num_heads
-    if heads is None:
-        problems.append(f"mllm ({_fmt(sizes['mllm'])}) matches no preset and the checkpoint records no "
-                        "decoder_attention_heads")
+            parts[comp] = dataclasses.replace(getattr(get_preset(name), comp), **sizes[comp])
     if problems:
+        fix = f"{whole}, the preset these sizes match" if whole else "PRESET_OR_CONFIG_JSON"
         raise ValueError("Cannot build a config from the checkpoint alone: " + "; ".join(problems)
-                         + ". Pass config= (CLI: --config PRESET_OR_CONFIG_JSON) with the right head counts.")
+                         + f". Pass config= (CLI: --config {fix}) to say the architecture.")
     heads = int(heads)
     reference = get_preset("kosmos-g")
-    base_mllm = mllm_preset.mllm if mllm_preset is not None else reference.mllm
-    max_positions = base_mllm.max_positions if mllm_preset is not None else int(
+    mllm_name = matching("mllm")
+    base_mllm = get_preset(mllm_name).mllm if mllm_name is not None else reference.mllm
+    max_positions = base_mllm.max_positions if mllm_name is not None else int(
         settings.get("max_target_positions") or settings.get("tokens_per_sample") or base_mllm.max_positions)
     parts["mllm"] = dataclasses.replace(base_mllm, **sizes["mllm"], num_heads=heads, max_positions=max_positions)
     # The official connector's attention uses the MLLM's head count (decoder_attention_heads).
-    res_preset = matching("resampler")
-    base_res = res_preset.resampler if res_preset is not None else reference.resampler
+    res_name = matching("resampler")
+    base_res = get_preset(res_name).resampler if res_name is not None else reference.resampler
     parts["resampler"] = dataclasses.replace(base_res, **sizes["resampler"], num_heads=heads)
     # Top-level fields (max_images, image statistics) from a preset matching throughout.
-    whole = next((get_preset(n) for n in presets if all(matches(get_preset(n), c) for c in sizes)), reference)
-    return dataclasses.replace(whole, **parts)
+    return dataclasses.replace(get_preset(whole) if whole else reference, **parts)
 
 
 # ============================================================================ conversion
@@ -592,10 +652,11 @@ def convert_official_state_dict(
 ) -> tuple[dict[str, torch.Tensor], KosmosGConfig]:
     """Official weights -> (our state dict, our config).
 
-    ``checkpoint`` is the loaded checkpoint (its ``args``/``cfg`` supply the MLLM head
+    ``checkpoint`` is the loaded checkpoint (its ``cfg``/``args`` supply the MLLM head
     count) or just its ``model`` dict. Sizes come from tensor shapes; ``config`` (a
-    :class:`KosmosGConfig`, preset name or ``config.json``) is needed only when the sizes
-    match no preset, and is then checked against the shapes.
+    :class:`KosmosGConfig`, preset name or ``config.json``) is needed when the checkpoint
+    records no head count (a bare ``model`` dict) or its sizes match no preset, and is
+    then checked against the shapes and the recorded head count.
 
     Example:
         >>> ckpt = load_official_checkpoint("checkpoint_final.pt")  # doctest: +SKIP
@@ -658,7 +719,13 @@ def _check_shapes(state: dict[str, torch.Tensor], config: KosmosGConfig, officia
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating tensors (to the checkpoint's dominant float dtype when ``dtype`` is None)."""
+    """Cast floating tensors (to the checkpoint's dominant float dtype when ``dtype`` is None).
+
+    A narrowing cast is checked: a value beyond the new dtype's range is an error, and
+    weights the cast changes are reported. The release's fp32 tensors are fp16 values cast
+    up (it trained with ``--memory-efficient-fp16``, which keeps no fp32 master copy, and
+    fairseq saves fp16 tensors as fp32), so fp16 keeps every one of them exactly.
+    """
     if dtype is None:
         totals: dict[torch.dtype, int] = {}
         for t in state.values():
@@ -666,14 +733,34 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
                 totals[t.dtype] = totals.get(t.dtype, 0) + t.numel()
         dtype = max(totals, key=totals.get) if totals else torch.float32
     out, storages = {}, set()
+    overflow, changed, narrowed = [], [], 0
     for key, tensor in tqdm(state.items(), desc="Converting weights", unit="tensor", disable=None):
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            cast = tensor.to(dtype)
+            if torch.finfo(dtype).bits <= torch.finfo(tensor.dtype).bits:  # widening casts are exact
+                narrowed += 1
+                back = cast.to(tensor.dtype)
+                if bool((torch.isinf(cast) & torch.isfinite(tensor)).any()):
+                    overflow.append(f"{key} (max |x| {tensor.abs().max().item():.4g})")
+                elif not torch.equal(back, tensor):
+                    changed.append((float((back - tensor).abs().max()), key))
+            tensor = cast
         ptr = tensor.untyped_storage().data_ptr()
         if ptr in storages:  # shared storage in the pickle: safetensors needs separate tensors
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         out[key] = tensor
+    name = str(dtype).removeprefix("torch.")
+    if overflow:
+        raise ValueError(f"{len(overflow)} tensor(s) hold values beyond {name}'s range, e.g. {overflow[0]}; "
+                         "convert with --dtype bf16 or fp32 (Python: dtype=).")
+    if changed:
+        worst, key = max(changed)
+        logger.warning("%d of %d tensors change when cast to %s (largest change %.3g, in %s); this checkpoint "
+                       "was not trained in %s. Pass --dtype fp32 (Python: dtype='fp32') to keep them exactly.",
+                       len(changed), narrowed, name, worst, key, name)
+    elif narrowed:
+        logger.info("All %d cast tensors hold exactly the same values in %s.", narrowed, name)
     return out
 
 
@@ -691,7 +778,7 @@ def convert_official(
     spm_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     trust_pickle: bool = False,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = "fp16",
     *,
     config: KosmosGConfig | str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -701,29 +788,46 @@ def convert_official(
     The folder (``config.json``, ``model.safetensors``, ``processor_config.json``,
     ``tokenizer/``) is written to a temporary folder beside ``out_dir`` and renamed into
     place, so an interrupted run never leaves a half-written model. ``dtype`` ("fp16",
-    "bf16", "fp32") defaults to the checkpoint's own.
+    "bf16", "fp32"; None keeps the checkpoint's own) defaults to fp16, which holds the
+    release's fp32 tensors exactly (they are fp16 training weights cast up); a weight the
+    cast would change is reported, one it would overflow is an error. ``ckpt`` may also be
+    a file holding only the ``model`` tensors; ``config`` then says the architecture.
 
     Example:
         >>> out = convert_official("checkpoint_final.pt", "dict.txt", "sentencepiece.bpe.model",
         ...                        "checkpoints/kosmos-g")  # doctest: +SKIP
         >>> model = KosmosG.from_pretrained(out, dtype="fp16", device="cuda")  # doctest: +SKIP
     """
+    # Every argument is checked before the (multi-GB) checkpoint is read.
     out_dir = Path(out_dir)
     dtype = resolve_dtype(dtype)
-    tokenizer = FairseqTokenizer(spm_path, dict_path)  # fails fast on a bad path
+    is_path = isinstance(ckpt, (str, os.PathLike))
+    if is_path:
+        check_checkpoint_file(ckpt)
+    tokenizer = FairseqTokenizer(spm_path, dict_path)
+    if config is not None:
+        config = _as_config(config)
     _check_out_dir(out_dir, overwrite)
-    if isinstance(ckpt, (str, os.PathLike)):
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {ckpt}")
+
+    if is_path:
         logger.info("Loading %s (%.2f GB)", ckpt, Path(ckpt).stat().st_size / 1e9)
         checkpoint = load_official_checkpoint(ckpt, trust_pickle=trust_pickle)
     else:
         checkpoint = ckpt
-    state, config = convert_official_state_dict(checkpoint, config)
+    try:
+        state, config = convert_official_state_dict(checkpoint, config)
+    except ValueError as e:
+        if not is_path:
+            raise
+        raise ValueError(f"{ckpt}: {e}") from e
+    if len(tokenizer) > config.mllm.vocab_size:
+        raise ValueError(f"The dictionary {dict_path} gives {len(tokenizer):,} symbols but the checkpoint embeds "
+                         f"only {config.mllm.vocab_size:,}: they do not belong together (the release's dict.txt "
+                         "gives 64,007).")
     if len(tokenizer) < config.mllm.vocab_size:
-        logger.warning("The dictionary has %d symbols but the checkpoint embeds %d; check that %s belongs to "
-                       "this checkpoint (the official one has 64,007).", len(tokenizer),
-                       config.mllm.vocab_size, dict_path)
+        logger.warning("The dictionary %s gives %d symbols but the checkpoint embeds %d; check that it belongs to "
+                       "this checkpoint (the release's gives 64,007).", dict_path, len(tokenizer),
+                       config.mllm.vocab_size)
     processor = KosmosGProcessor.from_config(tokenizer, config)
     state = _cast(state, dtype)
     with init_empty_weights(include_buffers=False):
