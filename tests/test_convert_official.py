@@ -766,6 +766,16 @@ def test_cli_errors_are_one_line(official, tmp_path, capsys, monkeypatch, case):
         main(["convert-official", *args, "-o", str(out)])
 
 
+def test_cli_without_dict_option_is_a_usage_error(official, tmp_path, capsys):
+    # argparse's own report: the usage, then one error line naming the option
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert-official", str(official.ckpt), "--spm", str(official.spm), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and err[0].startswith("usage: kosmos-g convert-official")
+    assert err[-1] == "kosmos-g convert-official: error: the following arguments are required: --dict"
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_error_in_a_fresh_process_is_one_stderr_line(official, tmp_path):
     # the real entry point configures logging and warnings itself: still nothing but the error
     half = tmp_path / "half.pt"
