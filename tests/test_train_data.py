@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kosmos_g.data.shards import ShardWriter, validate_sample
-from kosmos_g.train.data import MixtureStream, Source, StreamLoader
+from kosmos_g.train.data import DataSourceError, MixtureStream, Source, StreamLoader, check_source
 from kosmos_g.train.testing import make_tiny_shards
 
 
@@ -161,5 +161,28 @@ def test_a_source_with_no_usable_sample_fails_loudly(tmp_path):
         for i in range(3):
             w.write({"json": b"{"}, key=f"b{i}")
     source = Source.from_spec("bad", tmp_path / "bad", 1.0)
-    with pytest.raises(RuntimeError, match="no usable sample.*Last error: BadSample"):
+    with pytest.raises(DataSourceError, match="no usable sample.*Last error: BadSample"):
         _take(MixtureStream([source], _key_builder, stream=0, num_streams=1, seed=0, shuffle_buffer=1), 1)
+    with pytest.raises(DataSourceError, match="'bad' has no usable sample: none of the 3 samples.*not valid JSON"):
+        check_source(source)
+    with pytest.raises(DataSourceError, match="'bad': No shards match"):
+        Source.from_spec("bad", tmp_path / "bad" / "*.tgz", 1.0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_without_usable_samples_raises_one_clear_error_from_any_worker(tmp_path, workers):
+    """One good sample of four: stream 0 of 2 gets it, stream 1 gets only bad ones. The error
+    names the source and the stream, and a DataLoader worker does not turn it into a traceback."""
+    with ShardWriter(tmp_path / "thin", max_samples=10) as w:
+        w.write({"json": {"kind": "text", "text": "fine"}}, key="good")
+        for i in range(3):
+            w.write({"json": b"{"}, key=f"bad{i}")
+    source = Source.from_spec("thin", tmp_path / "thin", 1.0)
+    check_source(source)  # the source as a whole is usable
+    loader = StreamLoader([source], _key_builder, _collate, batch_size=2, num_workers=workers, num_streams=2,
+                          rank=0, world_size=1, seed=0, shuffle_buffer=1)
+    with pytest.raises(DataSourceError) as info:
+        _take(loader, 1)
+    message = str(info.value)
+    assert message.startswith("Data source 'thin' gave no usable sample to stream 1 of 2")
+    assert "(2 read: 2 bad, 0 filtered)" in message and "Traceback" not in message

@@ -26,7 +26,9 @@ doubled batch).
 
 A sample that fails validation or decoding is counted per stream, logged (the first few
 in full, then every 100th) and skipped; a source none of whose samples in an epoch can be
-used raises, since that is a broken dataset rather than a bad sample.
+used raises :class:`DataSourceError`, since that is a broken dataset rather than a bad
+sample. :func:`check_source` finds the commonest such dataset (a glob that matches nothing,
+shards none of whose samples follow the schema) before any model is loaded.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.shards import expand_shards, iter_shard
+from ..data.shards import BadSample, expand_shards, iter_shard, iter_shards, validate_sample
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ _SHARD_ORDER, _BUFFER, _MIX, _SAMPLE = 1, 2, 3, 4
 
 class SampleFiltered(Exception):
     """Raised by a builder for a valid sample that the recipe's filters exclude."""
+
+
+class DataSourceError(ValueError):
+    """A data source that can give no usable sample: no shard matches it, or none of its samples
+    builds. The message names the source and the reason; the CLI prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,40 @@ class Source:
 
     @classmethod
     def from_spec(cls, name: str, shards: Any, weight: float) -> "Source":
-        return cls(name, tuple(expand_shards(shards)), float(weight))
+        """Expand ``shards`` (folder, glob, brace pattern or list); raises :class:`DataSourceError`
+        naming the source when they match no shard."""
+        try:
+            paths = tuple(expand_shards(shards))
+        except FileNotFoundError as e:
+            raise DataSourceError(f"Data source {name!r}: {e}") from None
+        if not paths and weight > 0:
+            raise DataSourceError(f"Data source {name!r} lists no shards.")
+        return cls(name, paths, float(weight))
+
+
+def check_source(source: Source) -> None:
+    """Raise :class:`DataSourceError` unless some sample of ``source`` follows the schema.
+
+    Reads up to the first sample that does (one sample for a sound dataset), so a source whose
+    every sample is broken fails with one clear message before a model is loaded, instead of in
+    the first training step.
+    """
+    read, last = 0, None
+    damaged: list[str] = []
+    for raw in iter_shards(source.shards, on_error=lambda path, e: damaged.append(f"{path} ({e})")):
+        read += 1
+        try:
+            validate_sample(raw)
+            return
+        except BadSample as e:
+            last = f"BadSample: {e}"
+    detail = f"none of the {read} samples of its {len(source.shards)} shard(s) follows docs/data-format.md"
+    if read == 0:
+        detail = f"its {len(source.shards)} shard(s) hold no sample"
+    if damaged:
+        detail += f"; damaged: {damaged[-1]}"
+    raise DataSourceError(f"Data source {source.name!r} has no usable sample: {detail}."
+                          + (f" Last error: {last}" if last else ""))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -127,6 +167,9 @@ class MixtureStream:
         }
         for s in self.sources:
             self._state["sources"].setdefault(s.name, {"epoch": 0, "offset": 0, "good": 0})
+        # bad and filtered samples of each source's current epoch, for the error of a source that
+        # gives none (reset with the epoch; counted from where this process started reading)
+        self._epoch_counts = {s.name: {"bad": 0, "filtered": 0} for s in self.sources}
         self._iters: dict[str, Iterator[dict[str, Any]]] = {}
 
     def state(self) -> dict[str, Any]:
@@ -165,13 +208,16 @@ class MixtureStream:
             # epoch over
             if st["good"] == 0:
                 last = getattr(self, "_last_error", None)
-                raise RuntimeError(
+                counts = self._epoch_counts[source.name]
+                raise DataSourceError(
                     f"Data source {source.name!r} gave no usable sample to stream {self.stream} of "
-                    f"{self.num_streams} in epoch {st['epoch']} ({st['offset']} read); check its shards, "
-                    "or use fewer data.streams than it has samples."
+                    f"{self.num_streams} in epoch {st['epoch']} ({st['offset']} read: {counts['bad']} bad, "
+                    f"{counts['filtered']} filtered); check its shards and the stage's filters, or use fewer "
+                    "data.streams than it has samples."
                     + (f" Last error: {last}" if last else "")
                 )
             st["epoch"], st["offset"], st["good"] = st["epoch"] + 1, 0, 0
+            self._epoch_counts[source.name] = {"bad": 0, "filtered": 0}
             self._iters.pop(source.name)
         raise AssertionError("unreachable")
 
@@ -189,10 +235,12 @@ class MixtureStream:
                     example = self.build(raw, rng, source.name)
                 except SampleFiltered:
                     self._state["filtered"] += 1
+                    self._epoch_counts[source.name]["filtered"] += 1
                     continue
                 except Exception as e:  # a bad sample never stops a run
                     self._last_error = f"{type(e).__name__}: {e}"
                     self._state["bad"] += 1
+                    self._epoch_counts[source.name]["bad"] += 1
                     n = self._state["bad"]
                     if n <= 10 or n % 100 == 0:
                         logger.warning("stream %d: skipping bad sample %r from %s (%s: %s) [%d bad so far]",
@@ -225,7 +273,13 @@ class StreamDataset(IterableDataset):
                                     state=self.states.get(j))) for j in mine]
         while True:
             for j, it in zip(mine, iters):
-                example, state = next(it)
+                try:
+                    example, state = next(it)
+                except DataSourceError as e:
+                    # handed on as an item for StreamLoader to raise: raised in a DataLoader worker it
+                    # would reach the main process as a traceback text
+                    yield {"stream": j, "error": str(e)}
+                    return
                 yield {"stream": j, "example": example, "state": state}
 
 
@@ -275,6 +329,8 @@ class StreamLoader:
         queues: dict[int, collections.deque] = {j: collections.deque() for j in self.streams}
         position = {j: copy.deepcopy(self.states.get(j)) for j in self.streams}
         for item in loader:
+            if "error" in item:
+                raise DataSourceError(item["error"])
             queues[item["stream"]].append(item)
             if all(len(q) >= self.per_stream for q in queues.values()):
                 examples = []
