@@ -12,19 +12,21 @@ it needs (CLIP text encoder, U-Net, VAE), and:
 - ``builder`` (runs in DataLoader workers, must pickle): raw shard sample + its own
   ``numpy`` generator + source name -> example; ``collate(examples) -> batch``;
   ``prepare_batch(batch)`` on the device, for frozen, no-grad work (targets, latents).
+- ``export_dirs(recipe, path)``: every folder ``export`` writes, so the trainer can check
+  them before training.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..models import KosmosG
 from ..processing import KosmosGProcessor
-from .data import Source
+from .data import Source, check_source
 from .modeling import export_kosmos_g
 from .recipe import Recipe
 
@@ -42,7 +44,11 @@ class Stage:
     def __init__(self, recipe: Recipe, accelerator) -> None:
         self.recipe = recipe
         self.accelerator = accelerator
+        # sources first: a glob that matches nothing or shards of broken samples fail before any model loads
         self.sources = [Source.from_spec(s.name, s.shards, s.weight) for s in recipe.data.sources]
+        for source in self.sources:
+            if source.weight > 0:
+                check_source(source)
 
     # ------------------------------------------------------------------ hooks
     def collate(self, examples: Sequence[Any]) -> dict[str, Any]:
@@ -58,15 +64,23 @@ class Stage:
         """Put trained parts in train mode and frozen ones in eval mode."""
         self.model.train()
 
-    def export(self, state: dict[str, torch.Tensor], path: Path) -> Path:
-        """Write the inference folder from the trained module's full state dict."""
+    @classmethod
+    def export_dirs(cls, recipe: Recipe, path: Path) -> list[Path]:
+        """The folders :meth:`export` writes for the export folder ``path``."""
+        return [path]
+
+    def export(self, state: dict[str, torch.Tensor], path: Path, *, overwrite: bool = False,
+               run_info: Mapping[str, Any] | None = None) -> Path:
+        """Write the inference folder from the trained module's full state dict (``overwrite`` and
+        ``run_info``: see :func:`~kosmos_g.train.modeling.export_kosmos_g`)."""
         prefix = self.module_prefix
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if own:
             missing, unexpected = self.model.load_state_dict(own, strict=False)
             if unexpected:
                 raise ValueError(f"Trained weights do not fit the model: {unexpected[:10]}")
-        return export_kosmos_g(self.model.cpu(), self.processor, path, dtype=self.recipe.export.dtype)
+        return export_kosmos_g(self.model.cpu(), self.processor, path, dtype=self.recipe.export.dtype,
+                               overwrite=overwrite, run_info=run_info)
 
     # ------------------------------------------------------------------ helpers
     @property

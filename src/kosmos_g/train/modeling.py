@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from accelerate import init_empty_weights
@@ -25,6 +25,8 @@ from .recipe import ModelSpec
 logger = logging.getLogger(__name__)
 
 RECONSTRUCTION_PREFIX = "aligner.recon_"
+RUN_FILE = "training_run.json"
+"""Written into every folder a training run exports: the run's ``output_dir``, stage and step."""
 
 
 def _flatten(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -164,15 +166,39 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> None:
         block._kosmos_g_checkpointed = True
 
 
+def check_export_folder(path: Path, *, overwrite: bool) -> None:
+    """Refuse to write ``path`` when it is a file, or a non-empty folder without ``overwrite``
+    (as ``kosmos-g convert-official`` does)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Export folder {path} is a file, not a folder; choose another export.dir.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"Export folder {path} already exists and is not empty; choose another folder or "
+                         "set export.overwrite=true (Python: overwrite=True) to replace it.")
+
+
+def write_run_info(folder: Path, run_info: Mapping[str, Any] | None) -> None:
+    """Write :data:`RUN_FILE` into ``folder`` (nothing when ``run_info`` is None)."""
+    if run_info is not None:
+        (folder / RUN_FILE).write_text(json.dumps(dict(run_info), indent=1) + "\n", encoding="utf-8")
+
+
 def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.PathLike, *,
-                    dtype: torch.dtype | str | None = None) -> Path:
+                    dtype: torch.dtype | str | None = None, overwrite: bool = False,
+                    run_info: Mapping[str, Any] | None = None) -> Path:
     """Write an inference folder that ``KosmosG.from_pretrained`` loads strictly.
 
     AlignerNet's N (stage 2) is left out and the config says ``reconstruction: false``.
-    Written to a temporary folder beside ``path`` and renamed, so a crash never leaves a half
-    export; an existing ``path`` is replaced once the new folder is complete.
+    Written to a temporary folder beside ``path``, flushed to the disk and renamed, so a crash
+    never leaves a half export. An existing non-empty ``path`` is refused (``ValueError``)
+    unless ``overwrite=True``; then it is replaced once the new folder is complete.
+    ``run_info`` (which run wrote the folder) is saved in it as :data:`RUN_FILE`.
+
+    Example:
+        >>> export_kosmos_g(model, processor, "runs/s2/final", dtype="fp16")  # doctest: +SKIP
+        PosixPath('runs/s2/final')
     """
     path = Path(path)
+    check_export_folder(path, overwrite=overwrite)
     dtype = resolve_dtype(dtype)
     if model.config.aligner.reconstruction:
         data = model.config.to_dict()
@@ -186,9 +212,10 @@ def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.
         out.load_state_dict_strict(state, assign=True)
     else:
         out = model
-    with atomic_dir(path, replace=True) as tmp:
+    with atomic_dir(path, replace=True, fsync=True) as tmp:  # checked above: absent, empty or overwrite
         out.save_pretrained(tmp, dtype=dtype)
         processor.save_pretrained(tmp)
+        write_run_info(tmp, run_info)
     return path
 
 

@@ -168,6 +168,10 @@ class ExportSpec:
     """Inference export folder (default ``<output_dir>/final``)."""
     dtype: str | None = None
     """Cast the exported weights (``fp16``/``bf16``); None keeps fp32."""
+    overwrite: bool = False
+    """Replace an existing non-empty export folder that this run did not write (checked before
+    training starts). Without it such a folder is refused; the run's own earlier export (a
+    finished run started again) is always replaced."""
 
 
 @dataclass
@@ -220,7 +224,8 @@ class Stage2Spec:
     max_mllm_tokens: int = 85
     reconstruction_weight: float = 1.0
     keep_reconstruction: bool = True
-    """Also write N's weights next to the export (``<output_dir>/final-reconstruction``)."""
+    """Also write N's weights next to the export, in ``<export.dir>-reconstruction`` (by default
+    ``<output_dir>/final-reconstruction``)."""
 
     def validate(self) -> None:
         if not self.clip_path:

@@ -17,7 +17,7 @@ padded batch (pads included) and uses the padded length.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,13 +25,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..data.shards import BadSample, validate_sample
-from ..fileio import atomic_file
+from ..fileio import atomic_dir
 from ..processing import KosmosGProcessor, ProcessedPrompt
 from .base import Stage
 from .data import SampleFiltered
-from .modeling import checkpoint_blocks, load_kosmos_g, reconstruction_state, set_trainable
+from .modeling import (check_export_folder, checkpoint_blocks, load_kosmos_g, reconstruction_state, set_trainable,
+                       write_run_info)
 
 RECONSTRUCTION_FILE = "aligner_reconstruction.safetensors"
+
+
+def reconstruction_dir(export_dir: Path) -> Path:
+    """Where N's weights go beside the export: ``<export.dir>-reconstruction``."""
+    return export_dir.with_name(export_dir.name + "-reconstruction")
 
 
 def _subfolder(path: Path, name: str) -> str:
@@ -153,10 +159,17 @@ class Stage2(Stage):
             target = self.clip(input_ids=batch["clip_ids"]).last_hidden_state  # (B, 77, D)
         return {"hidden": hidden, "attention_mask": batch["attention_mask"], "clip_target": target}
 
-    def export(self, state: dict[str, torch.Tensor], path: Path) -> Path:
-        out = super().export(state, path)
+    @classmethod
+    def export_dirs(cls, recipe, path: Path) -> list[Path]:
+        return [path, reconstruction_dir(path)] if recipe.stage2.keep_reconstruction else [path]
+
+    def export(self, state: dict[str, torch.Tensor], path: Path, *, overwrite: bool = False,
+               run_info: Mapping[str, Any] | None = None) -> Path:
         if self.recipe.stage2.keep_reconstruction:
-            keep = path.with_name(path.name + "-reconstruction")
-            with atomic_file(keep / RECONSTRUCTION_FILE) as tmp:
-                save_file(reconstruction_state(self.model), str(tmp))
+            check_export_folder(reconstruction_dir(path), overwrite=overwrite)  # before either is written
+        out = super().export(state, path, overwrite=overwrite, run_info=run_info)
+        if self.recipe.stage2.keep_reconstruction:
+            with atomic_dir(reconstruction_dir(path), replace=True, fsync=True) as tmp:
+                save_file(reconstruction_state(self.model), str(tmp / RECONSTRUCTION_FILE))
+                write_run_info(tmp, run_info)
         return out

@@ -11,9 +11,13 @@ file adds what a long run needs on top:
   tied to a sample (dropout), so a resumed run repeats an uninterrupted one;
 - checkpoints every N steps: trainable weights, optimizer, LR schedule, RNG states
   (accelerate's ``save_state``) plus ``trainer_state.json`` (step, every data stream's
-  position), written to a hidden temporary folder and renamed to ``step-XXXXXXXX`` when complete;
-- CSV + TensorBoard logs and a tqdm bar with loss and samples/s;
-- the final export: a ``KosmosG.from_pretrained`` folder with the processor.
+  position, the size of every other file), written last into a hidden temporary folder that
+  is flushed to the disk and renamed to ``step-XXXXXXXX``; resuming skips a checkpoint that
+  is incomplete or damaged for the previous good one;
+- CSV + TensorBoard logs (a resumed run appends) and a tqdm bar with loss and samples/s;
+- the final export: a ``KosmosG.from_pretrained`` folder with the processor. Before anything
+  loads, the trainer refuses an output folder it cannot write and an export folder that holds
+  files this run did not write (unless ``export.overwrite``).
 
 Example:
     >>> from kosmos_g.train import Trainer, load_recipe  # doctest: +SKIP
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from ..fileio import atomic_dir, atomic_write_text
 from .data import StreamLoader, counters, to_device
+from .modeling import RUN_FILE
 from .recipe import Recipe
 from .schedules import warmup_decay
 
@@ -48,6 +55,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable{}.safetensors"
 _CKPT_RE = re.compile(r"^step-(\d{8})$")
+# hidden folders of checkpoint saves and deletions that a kill interrupted (fileio.atomic_dir, _prune)
+_LEFTOVER_RE = re.compile(r"^\.step-\d{8}\.(tmp|old|del)-")
 
 
 def _stage_class(name: str):
@@ -62,13 +71,96 @@ def _stage_class(name: str):
     return cls
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root`` (temporary folders never count)."""
+def _step_folders(root: Path) -> list[Path]:
+    """The ``step-XXXXXXXX`` folders under ``root``, newest first."""
     if not root.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := _CKPT_RE.match(p.name)) and (p / STATE_FILE).is_file())
-    return found[-1][1] if found else None
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir())
+    return [p for _, p in reversed(found)]
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed (None when it can).
+
+    ``trainer_state.json`` is written last and lists the size of every other file, so a
+    folder missing a file, holding a truncated one, or whose state file is itself cut short
+    is recognised without loading anything.
+    """
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__})"
+    files = state.get("files", {}) if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return f"{STATE_FILE} is not a checkpoint state"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} holds {file.stat().st_size} bytes, not the {size} written"
+    return None
+
+
+def find_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint under ``root`` (or None), and the newer ones skipped with
+    the reason (:func:`checkpoint_problem`). Hidden temporaries never count."""
+    skipped = []
+    for path in _step_folders(root):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``root`` (temporary and damaged ones never count)."""
+    return find_checkpoint(root)[0]
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (existing, or to be created) cannot be written, or None."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def written_by_run(folder: Path, output_dir: Path) -> bool:
+    """Whether the export folder ``folder`` was written by the run whose output folder is
+    ``output_dir`` (its :data:`~kosmos_g.train.modeling.RUN_FILE` names it)."""
+    try:
+        info = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+        return Path(info["output_dir"]).resolve() == output_dir.resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_outputs(output_dir: Path, export_dirs: list[Path], *, overwrite: bool = False) -> None:
+    """Refuse, with a ``ValueError`` naming the path, an output folder the run cannot write and an
+    export folder it must not replace: a file, or a non-empty folder that this run did not
+    export, unless ``overwrite`` (``export.overwrite``)."""
+    problem = _unwritable(output_dir)
+    if problem:
+        raise ValueError(f"train.output_dir={output_dir} cannot be written: {problem}; choose another folder.")
+    for folder in export_dirs:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"Export folder {folder} is a file, not a folder; choose another export.dir.")
+        problem = _unwritable(folder.parent)
+        if problem:
+            raise ValueError(f"Export folder {folder} cannot be written: {problem}; choose another export.dir.")
+        if overwrite or not folder.is_dir() or not any(folder.iterdir()) or written_by_run(folder, output_dir):
+            continue
+        raise ValueError(f"Export folder {folder} already exists, is not empty and was not written by this run "
+                         f"(train.output_dir={output_dir}); choose another export.dir, or set "
+                         "export.overwrite=true to replace it.")
 
 
 def _has_accelerator() -> bool:
@@ -115,6 +207,10 @@ class Trainer:
         self.recipe, self.stage_name = recipe, stage
         self.out = Path(recipe.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        stage_class = _stage_class(stage)
+        self.export_dir = Path(recipe.export.dir or self.out / "final")
+        self.export_dirs = stage_class.export_dirs(recipe, self.export_dir)
+        check_outputs(self.out, self.export_dirs, overwrite=recipe.export.overwrite)  # before any model loads
         world = int(os.environ.get("WORLD_SIZE", "1"))
         # accelerate only forms a CPU process group (gloo) when asked for the CPU; without a GPU,
         # `accelerate launch --multi_gpu` would otherwise start independent single-process runs.
@@ -130,8 +226,9 @@ class Trainer:
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+        self.resume_from = self._resume_path()
         set_seed(recipe.train.seed)
-        self.stage = _stage_class(stage)(recipe, acc)
+        self.stage = stage_class(recipe, acc)
         module = self.stage.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         if not self.params:
@@ -208,18 +305,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_path(self) -> Path | None:
+        """The checkpoint to resume (chosen before any model loads); ``auto`` passes over damaged ones."""
         resume = self.recipe.checkpoint.resume
         if resume in (None, "none", "null", ""):
-            if latest_checkpoint(self.ckpt_root) is not None:
+            if _step_folders(self.ckpt_root):
                 raise ValueError(f"{self.ckpt_root} already holds checkpoints; set checkpoint.resume=auto to "
                                  "continue, or use a new train.output_dir.")
             return None
         if resume == "auto":
-            return latest_checkpoint(self.ckpt_root)
+            path, skipped = find_checkpoint(self.ckpt_root)
+            if self.accelerator.is_main_process:
+                for bad, problem in skipped:
+                    logger.warning("checkpoint %s is incomplete or damaged (%s); resuming from %s instead", bad,
+                                   problem, path or "the start")
+            return path
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"checkpoint.resume={path} is not a complete checkpoint (no {STATE_FILE}).")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise FileNotFoundError(f"checkpoint.resume={path} is not a complete checkpoint ({problem}).")
         return path
+
+    def _remove_leftovers(self) -> None:
+        """Delete the hidden folders of checkpoint saves or deletions that a kill interrupted."""
+        if not self.ckpt_root.is_dir():
+            return
+        for path in sorted(self.ckpt_root.iterdir()):
+            if _LEFTOVER_RE.match(path.name):
+                logger.warning("removing %s, left by an interrupted checkpoint save", path)
+                shutil.rmtree(path, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_FILE).read_text())
@@ -235,8 +348,10 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
-        """Write ``step-XXXXXXXX`` (an existing one of the same step is replaced): every process
-        saves its part into one temporary folder, which the main process renames when complete."""
+        """Write ``step-XXXXXXXX``: every process saves its part into one temporary folder, the
+        main process writes ``trainer_state.json`` last (with every other file's size), flushes
+        the folder to the disk and renames it. An existing folder of the same step is renamed
+        aside first and deleted after, never modified in place."""
         from accelerate.utils import broadcast_object_list, gather_object
 
         acc = self.accelerator
@@ -245,27 +360,33 @@ class Trainer:
         with contextlib.ExitStack() as main_only:
             folder: list[str | None] = [None]
             if acc.is_main_process:
-                folder[0] = str(main_only.enter_context(atomic_dir(final, replace=True)))
+                folder[0] = str(main_only.enter_context(atomic_dir(final, replace=True, fsync=True)))
             broadcast_object_list(folder)  # the temporary's name, from the main process to every other
             tmp = Path(folder[0])
             acc.save_state(str(tmp))
             acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
             if acc.is_main_process:
                 merged = {str(k): v for pos in positions for k, v in pos.items()}
+                files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
                 state = {"stage": self.stage_name, "step": self.step, "samples": self.samples,
                          "num_streams": self.num_streams, "world_size": acc.num_processes, "position": merged,
-                         "recipe": self.recipe.to_dict()}
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                         "files": files, "recipe": self.recipe.to_dict()}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: it marks the folder complete
         if acc.is_main_process:
             self._prune()
         acc.wait_for_everyone()
         return final
 
     def _prune(self) -> None:
+        """Keep the newest ``checkpoint.keep`` checkpoints up to this step. Newer ones (left by a run
+        that got further before it was resumed from an earlier checkpoint) stay until replaced."""
         keep = max(1, self.recipe.checkpoint.keep)
-        done = sorted(p for p in self.ckpt_root.iterdir() if _CKPT_RE.match(p.name))
+        done = [p for p in reversed(_step_folders(self.ckpt_root)) if int(p.name[5:]) <= self.step]
         for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # hidden first, so that a kill while deleting never leaves part of a checkpoint in view
+            aside = Path(tempfile.mkdtemp(prefix=f".{old.name}.del-", dir=self.ckpt_root))
+            os.replace(old, aside / "x")
+            shutil.rmtree(aside, ignore_errors=True)
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self, resumed: bool):
@@ -279,15 +400,11 @@ class Trainer:
         logs.mkdir(parents=True, exist_ok=True)
         if log.csv:
             path = logs / "train.csv"
-            rows = []
-            if resumed and path.is_file():  # drop rows past the checkpoint (from the interrupted run)
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-            self._csv = open(path, "w", newline="")
+            for stale in logs.glob(".train.csv.tmp-*"):  # an earlier rewrite that a kill interrupted
+                stale.unlink()
+            self._cut_csv(path, self.step if resumed else 0)
+            self._csv = open(path, "a", newline="")
             self._csv_writer = csv.DictWriter(self._csv, fieldnames=self._csv_fields, extrasaction="ignore")
-            self._csv_writer.writeheader()
-            self._csv_writer.writerows(rows)
-            self._csv.flush()
         if log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -295,6 +412,27 @@ class Trainer:
                 self._tb = SummaryWriter(str(logs / "tensorboard"), purge_step=self.step + 1 if resumed else None)
             except ImportError:
                 logger.warning("tensorboard is not installed; logging to CSV only (pip install tensorboard).")
+
+    def _cut_csv(self, path: Path, step: int) -> None:
+        """Keep the CSV log's rows up to ``step`` (a resumed run drops what the interrupted one
+        logged after its checkpoint, and a row a kill cut short); new rows are then appended.
+        When rows must go the log is rewritten atomically, so a kill never loses its history."""
+        text = ""
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as f:
+                text = f.read()
+        whole = text[: text.rfind("\n") + 1]  # without a last row cut short
+        reader = csv.DictReader(io.StringIO(whole, newline=""))
+        rows = list(reader)
+        kept = [r for r in rows if None not in r and None not in r.values() and r["step"].isdigit()
+                and int(r["step"]) <= step]
+        if text and whole == text and reader.fieldnames == self._csv_fields and len(kept) == len(rows):
+            return
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=self._csv_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, out.getvalue(), fsync=True)
 
     def _write_log(self, row: dict[str, float]) -> None:
         self.history.append(row)
@@ -329,13 +467,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         acc, recipe = self.accelerator, self.recipe
-        resume = self._resume_path()
-        if resume is not None:
-            self.load_checkpoint(resume)
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.yaml", recipe.dump())
-        self._open_logs(resumed=resume is not None)
+            self._remove_leftovers()
+        self._open_logs(resumed=self.resume_from is not None)
         self.stage.before_training()
         self.stage.train_mode()
         loader = iter(self._loader())
@@ -419,17 +557,19 @@ class Trainer:
         return {"bad": int(t[0]), "filtered": int(t[1])}
 
     def export(self) -> Path:
-        """Write the inference folder (main process) from the trained weights."""
+        """Write the inference folder (main process) from the trained weights, with a
+        :data:`~kosmos_g.train.modeling.RUN_FILE` that marks it as this run's."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        check_outputs(self.out, self.export_dirs, overwrite=self.recipe.export.overwrite)  # filled since the start?
         # Without sharding the stage's model was trained in place; FSDP / DeepSpeed gather it here.
         state = acc.get_state_dict(self.module) if self._sharded else {}
-        path = Path(self.recipe.export.dir or self.out / "final")
         if acc.is_main_process:
-            self.stage.export(state, path)
-            logger.info("exported %s to %s", self.stage_name, path)
+            run_info = {"output_dir": str(self.out.resolve()), "stage": self.stage_name, "step": self.step}
+            self.stage.export(state, self.export_dir, overwrite=True, run_info=run_info)  # checked just above
+            logger.info("exported %s to %s", self.stage_name, self.export_dir)
         acc.wait_for_everyone()
-        return path
+        return self.export_dir
 
 
 def train(stage: str, recipe: Recipe) -> dict[str, Any]:
