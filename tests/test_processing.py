@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +270,53 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(P, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted >= 2
+
+
+# ----------------------------------------------------------------------------- image size limit
+
+def forged_png(path: Path, width: int, height: int) -> Path:
+    """A 1x1 PNG whose header claims ``width`` x ``height``: PIL reads that size without decoding,
+    so a 30000x30000 image costs a few bytes here."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    # 8-byte signature, then the IHDR chunk: length (4), b"IHDR" (4), width and height (4 each) ...
+    data[16:24] = struct.pack(">II", width, height)
+    # ... and a CRC over the chunk type and its 13 data bytes.
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("width,height", [(30000, 30000), (10000, 10000), (8000, 5001)])
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, width, height):
+    import kosmos_g.processing as P
+
+    assert P.MAX_IMAGE_PIXELS == 40_000_000
+    assert Image.open(forged_png(tmp_path / "forged.png", 300, 200)).size == (300, 200)
+    path = forged_png(tmp_path / "huge.png", width, height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning/Error from PIL: our message instead
+        for check in (load_image, P.check_image_file):
+            with pytest.raises(ValueError) as info:
+                check(path)
+            message = str(info.value)
+            assert "\n" not in message and str(path) in message
+            assert f"{width}x{height}" in message and "40 megapixels" in message
+
+
+def test_the_pixel_limit_is_inclusive(tmp_path, monkeypatch):
+    import kosmos_g.processing as P
+
+    monkeypatch.setattr(P, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    Image.new("RGB", (10, 11)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "ok.png").size == P.check_image_file(tmp_path / "ok.png") == (10, 10)
+    with pytest.raises(ValueError, match=r"10x11"):
+        load_image(tmp_path / "big.png")
+    assert load_image(Image.new("RGB", (10, 11))).size == (10, 11)  # images in memory are the caller's
+
+
+def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory"):
+        load_image(tmp_path)

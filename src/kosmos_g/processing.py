@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -41,26 +42,96 @@ Prompt = Union[str, Sequence[Segment]]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+MAX_IMAGE_PIXELS = 40_000_000
+"""Image files above this many pixels (40 megapixels, e.g. 8000x5000) are refused from their
+header, before any decoding. A prompt image is shrunk to 224 px anyway, while loading one
+raises peak memory by about 15 bytes a pixel (1.5 GB for 100 megapixels); PIL's own guard
+only warns from 89 megapixels and fails with a traceback from 179."""
+
 
 # ----------------------------------------------------------------------------- images
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open`` (which reads the header only), refusing images above
+    :data:`MAX_IMAGE_PIXELS` before their pixels are decoded."""
+    if not path.exists():
+        raise ValueError(f"Image file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"Image {path} is a directory, not an image file.")
+    try:
+        with warnings.catch_warnings():  # PIL's DecompressionBombWarning: refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError:
+        _refuse_size(path, _header_size(path))
+        raise  # not reached: PIL refuses only images far above our limit
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"Cannot read image file {path}: {e}. Is it a complete PNG/JPEG?") from e
+    try:
+        _refuse_size(path, im.size)
+    except ValueError:
+        im.close()
+        raise
+    return im
+
+
+def _refuse_size(path: Path, size: tuple[int, int] | None) -> None:
+    width, height = size or (0, 0)
+    if size is None or width * height > MAX_IMAGE_PIXELS:
+        shape = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)" if size else "too large"
+        raise ValueError(f"Image {path} is {shape}; images above {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+                         "are refused (kosmos_g.processing.MAX_IMAGE_PIXELS). Downscale it first.")
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the header of an image PIL refuses to open (its decompression-bomb
+    limit), read by the format's plugin as ``Image.open`` does, without that check."""
+    Image.init()
+    with open(path, "rb") as f:
+        prefix = f.read(16)
+        for name in Image.ID:
+            factory, accept = Image.OPEN[name]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):
+                continue
+            f.seek(0)
+            try:
+                return tuple(factory(f, str(path)).size)
+            except Exception:  # not this format after all; PIL tries the next one too
+                continue
+    return None
+
+
+def check_image_file(path: str | os.PathLike) -> tuple[int, int]:
+    """The (width, height) of an image file, read from its header without decoding; raises
+    ``ValueError`` naming the file if it is missing, a folder, unreadable or above
+    :data:`MAX_IMAGE_PIXELS`.
+
+    Example:
+        >>> check_image_file(Path(__file__).parent / "assets" / "examples" / "dog.png")
+        (128, 128)
+    """
+    path = Path(path)
+    with _open_image(path) as im:
+        return im.size
+
 
 def load_image(image: ImageLike) -> Image.Image:
     """Open a path (or pass through a PIL image / HWC uint8 array) as an RGB PIL image.
 
     Honours EXIF orientation; composites transparency onto white; converts palette,
-    grayscale and 16-bit images. Unreadable or truncated files raise ``ValueError``
-    naming the file.
+    grayscale and 16-bit images. Missing, unreadable or truncated files, and files above
+    :data:`MAX_IMAGE_PIXELS` (checked from the header, before decoding), raise
+    ``ValueError`` naming the file. Images already in memory are not size-checked.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"Image file not found: {path}")
-        try:
-            with Image.open(path) as im:
+        with _open_image(path) as im:
+            try:
                 im.load()  # decode now so truncation is caught here, with the name
                 image = im.copy() if im.mode != "P" else im.convert("RGBA")
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"Cannot read image file {path}: {e}. Is it a complete PNG/JPEG?") from e
+            except (OSError, SyntaxError) as e:
+                raise ValueError(f"Cannot read image file {path}: {e}. Is it a complete PNG/JPEG?") from e
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"Array images must be uint8 HxW or HxWxC, got {image.dtype} {image.shape}.")
@@ -143,8 +214,8 @@ def _refuse_image_file_name(text: str) -> None:
     if _looks_like_image_file(text):
         raise ValueError(
             f"{text!r} looks like an image file, but a str in a prompt is always text (and a list of "
-            f"only str is a batch of text prompts): put '{PLACEHOLDER}' in the text and pass the image "
-            f"with it, or in a list prompt pass Path({text!r}) or a PIL image."
+            f"only str is a batch of text prompts): put '{PLACEHOLDER}' in the text and give the image for it "
+            f"(prompt_images=, or -i on the command line), or in a list prompt pass Path({text!r})."
         )
 
 
@@ -302,10 +373,11 @@ class KosmosGProcessor:
                 batch_images = [None] * len(batch)
             else:
                 batch_images = list(images)
-                if len(batch_images) != len(batch) or any(not isinstance(im, (list, tuple)) for im in batch_images):
+                if len(batch_images) != len(batch) or any(
+                        im is not None and not isinstance(im, (list, tuple)) for im in batch_images):
                     raise ValueError(
                         f"Got {len(batch)} prompts and {len(batch_images)} image entries; pass one list "
-                        "of images per prompt (an empty list for a text-only prompt)."
+                        "of images per prompt (an empty list or None for a prompt without '<i>')."
                     )
         return self.collate([self.encode_prompt(p, im) for p, im in zip(batch, batch_images)])
 
