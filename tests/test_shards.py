@@ -45,6 +45,24 @@ def test_crashed_writer_keeps_only_its_complete_shards(tmp_path):
     assert [json.loads(s["json"])["text"] for s in iter_shard(tmp_path / "shard-000000.tar")] == ["x"]
 
 
+def test_writer_never_replaces_existing_shards_unless_asked(tmp_path):
+    with ShardWriter(tmp_path, max_samples=1) as w:
+        for text in ("a", "b"):
+            w.write({"json": {"kind": "text", "text": text}})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"shard-000000\.tar.*start_index=2.*overwrite=True"):
+        ShardWriter(tmp_path, max_samples=1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with ShardWriter(tmp_path, max_samples=1, start_index=2) as w:  # appending to the set
+        w.write({"json": {"kind": "text", "text": "c"}})
+    with ShardWriter(tmp_path, prefix="other") as w:  # another prefix is another set
+        w.write({"json": {"kind": "text", "text": "d"}})
+    with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
+        w.write({"json": {"kind": "text", "text": "e"}})
+    texts = [json.loads(s["json"])["text"] for s in iter_shards(expand_shards(str(tmp_path / "shard-*.tar")))]
+    assert texts == ["e", "b", "c"]
+
+
 def test_round_trip_all_kinds_and_webdataset_interop(tmp_path):
     import webdataset as wds
 

@@ -101,7 +101,9 @@ class ShardWriter:
     and renamed to ``<prefix>-NNNNNN.tar`` only when it is complete, so a crashed writer
     never leaves a half shard that looks whole: an error inside the ``with`` block removes
     the unfinished shard and keeps the complete ones. A new shard starts after
-    ``max_samples`` samples or once the current one exceeds ``max_bytes``.
+    ``max_samples`` samples or once the current one exceeds ``max_bytes``. Existing shards of
+    the same prefix numbered ``start_index`` or more are refused before anything is written
+    (``ValueError``), as they could be replaced.
 
     Args:
         directory: where the shards go (created if needed).
@@ -109,6 +111,7 @@ class ShardWriter:
         max_samples: samples per shard.
         max_bytes: optional size cap per shard (a sample is never split).
         start_index: number of the first shard (to append to an existing set).
+        overwrite: replace existing shards of the same names (others of the set stay).
 
     Example:
         >>> with ShardWriter("shards/captions", max_samples=1000) as w:  # doctest: +SKIP
@@ -116,11 +119,13 @@ class ShardWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, *, prefix: str = "shard", max_samples: int = 1000,
-                 max_bytes: int | None = None, start_index: int = 0) -> None:
+                 max_bytes: int | None = None, start_index: int = 0, overwrite: bool = False) -> None:
         if max_samples <= 0:
             raise ValueError(f"max_samples must be > 0, got {max_samples}.")
         if not prefix or "/" in prefix or "." in prefix:
             raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}.")
+        if not overwrite:
+            _refuse_existing_shards(Path(directory), prefix, start_index)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -199,6 +204,19 @@ class ShardWriter:
         """Publish the last shard; returns every shard written."""
         self._finish()
         return self.shards
+
+
+def _refuse_existing_shards(directory: Path, prefix: str, start_index: int) -> None:
+    """Raise ``ValueError`` if ``directory`` holds shards ``<prefix>-NNNNNN.tar`` numbered from
+    ``start_index`` on, which a writer starting there would replace."""
+    if not directory.is_dir():
+        return
+    numbers = sorted(int(m.group(1)) for p in directory.iterdir()
+                     if (m := re.fullmatch(rf"{re.escape(prefix)}-(\d{{6,}})\.tar", p.name)))
+    taken = [n for n in numbers if n >= start_index]
+    if taken:
+        raise ValueError(f"{directory} already holds {prefix}-{taken[0]:06d}.tar; write to another folder, add "
+                         f"to the set with start_index={numbers[-1] + 1}, or pass overwrite=True to replace it.")
 
 
 # ----------------------------------------------------------------------------- listing

@@ -80,11 +80,12 @@ def tiny_samples(kind: str, n: int, *, seed: int = 0, size: int = 32) -> list[di
 
 def make_tiny_shards(root: str | os.PathLike, *, n: int = 16, per_shard: int = 4, seed: int = 0,
                      size: int = 32, kinds: tuple[str, ...] = KIND_DIRS) -> dict[str, Path]:
-    """Write ``n`` samples of each kind into ``root/<kind>/shard-*.tar``; returns the folders."""
+    """Write ``n`` samples of each kind into ``root/<kind>/shard-*.tar``; returns the folders.
+    Shards already there are replaced (the same arguments write the same bytes)."""
     root = Path(root)
     dirs = {}
     for kind in kinds:
-        with ShardWriter(root / kind, max_samples=per_shard) as writer:
+        with ShardWriter(root / kind, max_samples=per_shard, overwrite=True) as writer:
             for i, sample in enumerate(tiny_samples(kind, n, seed=seed, size=size)):
                 writer.write(sample, key=f"{kind}-{i:05d}")
         dirs[kind] = root / kind
