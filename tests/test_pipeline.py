@@ -544,6 +544,27 @@ def test_missing_sd_parts_are_named(tiny_kosmos_dir, tiny_sd_dir, tmp_path):
         KosmosGPipeline.from_pretrained(tiny_kosmos_dir, tiny_sd_dir, controlnet=tmp_path / "nocn")
 
 
+
+@pytest.mark.parametrize("cut", [lambda b: b"", lambda b: b[:30], lambda b: b[:len(b) // 2]],
+                         ids=["empty", "30 bytes", "truncated"])
+def test_damaged_weights_are_named(tiny_kosmos_dir, tiny_sd_dir, tmp_path, cut):
+    from kosmos_g import KosmosG
+
+    kosmos, sd = tmp_path / "kosmos-g", tmp_path / "sd"
+    shutil.copytree(tiny_kosmos_dir, kosmos)
+    shutil.copytree(tiny_sd_dir, sd)
+    for weights in (kosmos / "model.safetensors", sd / "unet" / "diffusion_pytorch_model.safetensors"):
+        weights.write_bytes(cut(weights.read_bytes()))
+    damaged = f"{kosmos / 'model.safetensors'} is damaged or incomplete"
+    with pytest.raises(ValueError, match=re.escape(damaged)):
+        KosmosG.from_pretrained(kosmos)
+    with pytest.raises(ValueError, match=re.escape(damaged)):
+        KosmosGPipeline.from_pretrained(kosmos, sd)
+    shutil.copy(tiny_kosmos_dir / "model.safetensors", kosmos / "model.safetensors")
+    with pytest.raises(ValueError, match=re.escape(f"U-Net {sd / 'unet'} could not be loaded")):
+        KosmosGPipeline.from_pretrained(kosmos, sd)
+
+
 def test_condition_width_must_match_unet(tiny_kosmos_dir, tmp_path):
     from kosmos_g.testing import make_tiny_sd
 

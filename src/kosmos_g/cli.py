@@ -17,6 +17,11 @@ from .errors import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
+# What a user can fix: bad values, and paths that are missing, in the way, of the wrong kind or
+# not writable. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (CLIError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
 # Subcommand modules, in the order `kosmos-g --help` lists them.
 COMMAND_MODULES = (
     "kosmos_g.commands.generate",
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except USER_ERRORS as e:
         if os.environ.get("KOSMOS_G_DEBUG"):
             raise
         print(f"kosmos-g {args.command}: error: {e}".splitlines()[0] if isinstance(e, CLIError)
@@ -70,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    if isinstance(e, OSError) and e.strerror and e.filename:  # raised by the OS: "[Errno 13] ..." made plain
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

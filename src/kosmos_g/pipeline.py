@@ -319,6 +319,54 @@ def _require_dir(path: Path, what: str, hint: str) -> None:
         raise NotADirectoryError(f"{what} is not a folder: {path} ({hint})")
 
 
+def _pixel_space(sd_dir: Path) -> bool:
+    """Whether an SD folder holds a pixel-space U-Net: no ``vae/``, 3 channels in and out."""
+    return not (sd_dir / "vae").exists() and _rgb_unet(sd_dir / "unet" / "config.json")
+
+
+def check_pretrained_folders(kosmos_dir: str | os.PathLike, sd_dir: str | os.PathLike,
+                             controlnet: Sequence[str | os.PathLike] | None = None) -> None:
+    """Refuse a missing folder, a file given for a folder, and an SD or ControlNet folder without
+    its parts, reading nothing but the U-Net's config: what :meth:`KosmosGPipeline.from_pretrained`
+    checks before it loads any weights, for callers (the CLI) that want to fail before their own
+    work too. Raises ``FileNotFoundError`` / ``NotADirectoryError`` naming the path.
+
+    Example:
+        >>> check_pretrained_folders("ckpt/kosmos-g", "ckpt/sd-v1-5")  # doctest: +SKIP
+    """
+    kosmos_dir, sd_dir = Path(kosmos_dir), Path(sd_dir)
+    _require_dir(kosmos_dir, "Kosmos-G folder", "pass the folder holding config.json and model.safetensors")
+    _require_dir(sd_dir, "SD folder", "pass a diffusers Stable Diffusion 1.5 folder")
+    pixel_space = _pixel_space(sd_dir)
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        if sub == "vae" and pixel_space:
+            continue
+        if not (sd_dir / sub).is_dir():
+            raise FileNotFoundError(
+                f"SD folder {sd_dir} has no {sub}/; pass a diffusers Stable Diffusion 1.5 folder "
+                "(unet/, vae/, scheduler/; text_encoder/ is not needed)."
+            )
+        if not (sd_dir / sub / name).is_file():
+            raise FileNotFoundError(f"SD folder {sd_dir} has {sub}/ but no {sub}/{name}.")
+    for net in controlnet or []:
+        _require_dir(Path(net), "ControlNet folder", "pass a diffusers ControlNet folder")
+        if not (Path(net) / "config.json").is_file():
+            raise FileNotFoundError(f"ControlNet folder {net} has no config.json.")
+
+
+def _load_diffusers(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(folder)``, its ``OSError`` on missing or damaged weights made a
+    ``ValueError`` that names the folder (diffusers' own message is kept, on one line)."""
+    try:
+        return cls.from_pretrained(str(folder), **kwargs)
+    except OSError as e:
+        if isinstance(e, PermissionError):
+            raise
+        detail = " ".join(str(e).split())
+        raise ValueError(f"{what} {folder} could not be loaded; are its weights damaged or incomplete? "
+                         f"({detail})") from e
+
+
 def _rgb_unet(config_path: Path) -> bool:
     """Whether a U-Net config describes a pixel-space model (3 channels in and out)."""
     try:
@@ -409,39 +457,22 @@ class KosmosGPipeline:
         from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
         kosmos_dir, sd_dir = Path(kosmos_dir), Path(sd_dir)
-        _require_dir(kosmos_dir, "Kosmos-G folder", "pass the folder holding config.json and model.safetensors")
-        _require_dir(sd_dir, "SD folder", "pass a diffusers Stable Diffusion 1.5 folder")
-        pixel_space = not (sd_dir / "vae").exists() and _rgb_unet(sd_dir / "unet" / "config.json")
-        for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
-            if sub == "vae" and pixel_space:
-                continue
-            if not (sd_dir / sub).is_dir():
-                raise FileNotFoundError(
-                    f"SD folder {sd_dir} has no {sub}/; pass a diffusers Stable Diffusion 1.5 folder "
-                    "(unet/, vae/, scheduler/; text_encoder/ is not needed)."
-                )
-            if not (sd_dir / sub / name).is_file():
-                raise FileNotFoundError(f"SD folder {sd_dir} has {sub}/ but no {sub}/{name}.")
+        nets = [controlnet] if controlnet is not None and not isinstance(controlnet, (list, tuple)) else controlnet
+        check_pretrained_folders(kosmos_dir, sd_dir, [n for n in nets or [] if isinstance(n, (str, os.PathLike))])
+        pixel_space = _pixel_space(sd_dir)
         generation_config = GenerationConfig.from_pretrained(kosmos_dir)
         dtype = resolve_dtype(dtype)
         kosmos_g = KosmosG.from_pretrained(kosmos_dir, dtype=dtype, device=device)
         processor = KosmosGProcessor.from_pretrained(kosmos_dir)
         load = {"torch_dtype": dtype} if dtype is not None else {}
-        unet = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"), **load)
+        unet = _load_diffusers(UNet2DConditionModel, sd_dir / "unet", "U-Net", **load)
         use_matmul_attention_if_small(unet)  # the micro world's 8x8 maps; SD1.5 keeps the fused kernel
-        vae = None if pixel_space else AutoencoderKL.from_pretrained(str(sd_dir / "vae"), **load)
+        vae = None if pixel_space else _load_diffusers(AutoencoderKL, sd_dir / "vae", "VAE", **load)
         config = json.loads((sd_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
         sched = make_scheduler(generation_config.scheduler if scheduler is None else scheduler, config)
-        nets = None
-        if controlnet is not None:
-            nets = []
-            for net in (controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]):
-                if isinstance(net, (str, os.PathLike)):
-                    _require_dir(Path(net), "ControlNet folder", "pass a diffusers ControlNet folder")
-                    if not (Path(net) / "config.json").is_file():
-                        raise FileNotFoundError(f"ControlNet folder {net} has no config.json.")
-                    net = ControlNetModel.from_pretrained(str(net), **load)
-                nets.append(net)
+        if nets is not None:
+            nets = [_load_diffusers(ControlNetModel, Path(net), "ControlNet", **load)
+                    if isinstance(net, (str, os.PathLike)) else net for net in nets]
         pipe = cls(kosmos_g, processor, unet, vae, sched, controlnet=nets, generation_config=generation_config)
         if device is not None:
             pipe.to(device)

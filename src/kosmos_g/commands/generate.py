@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import micro
+from ..errors import CLIError
 from ..fileio import atomic_dir, atomic_write_bytes
 from ..generation_config import FILENAME as GENERATION_CONFIG, GenerationConfig
 from ..schedulers import SCHEDULERS, scheduler_name
@@ -243,22 +244,63 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def _require_file(what: str, path: str | os.PathLike) -> None:
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{what} is a directory, not a file: {path}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def _check_files(s: Settings) -> None:
-    """Fail on bad prompts and missing files now, not after loading gigabytes."""
-    from ..processing import split_prompt
+    """Fail on bad prompts, missing files and unreadable or oversized images now, not after
+    loading gigabytes. Images are checked from their headers, without decoding them."""
+    from ..processing import check_image_file, split_prompt
 
     split_prompt(s.prompt, s.images)  # placeholder / image count
     if s.negative is not None:
         split_prompt(s.negative, s.negative_images)
     elif s.negative_images:
         raise ValueError("--negative-image needs --negative with '<i>' placeholders.")
-    files = [("image", p) for p in s.images + s.negative_images] + \
+    images = [("image", p) for p in s.images + s.negative_images] + \
         [("control image", p) for p in s.control_images] + \
-        [("init image", p) for p in [s.init_image] if p] + [("mask", p) for p in [s.mask] if p] + \
-        [("LoRA file", lo["path"]) for lo in s.loras]
-    for what, path in files:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+        [("init image", p) for p in [s.init_image] if p] + [("mask", p) for p in [s.mask] if p]
+    for what, path in images + [("LoRA file", lo["path"]) for lo in s.loras]:
+        _require_file(what, path)
+    for _, path in images:
+        check_image_file(path)  # unreadable, or above processing.MAX_IMAGE_PIXELS
+
+
+def _check_output_dir(outdir: Path) -> None:
+    """Create the output folder and a probe file in it, so that a folder which cannot take the
+    images (a file in the way, no permission, a read-only file system) is refused before any
+    model loads, not after the compute is spent."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kosmos-g-probe-", dir=outdir)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError as e:  # mkdir: outdir exists and is not a folder
+        raise NotADirectoryError(f"output folder {outdir} is a file; pass -o a folder.") from e
+    except NotADirectoryError as e:  # mkdir: a folder above outdir is a file
+        parent = next((p for p in outdir.parents if p.exists()), outdir.parent)
+        raise NotADirectoryError(f"output folder {outdir} cannot be made: {parent} is a file.") from e
+    except PermissionError as e:
+        raise PermissionError(f"output folder {outdir} is not writable ({e.strerror}); "
+                              "pass -o a folder you can write to.") from e
+    except OSError as e:  # e.g. a read-only file system, a full disk
+        raise CLIError(f"output folder {outdir} cannot be written: {e.strerror or e}.") from e
+
+
+def _check_before_loading(s: Settings, outdir: Path) -> None:
+    """Everything that can be refused without a model: prompt, input files and image headers,
+    device, model folders and the output folder. So a run that cannot succeed loads nothing."""
+    from ..pipeline import check_pretrained_folders
+
+    _check_files(s)
+    _check_device(s.device)
+    if not s.random_tiny:  # --random-tiny builds its folders, which is already work
+        check_pretrained_folders(*resolve_model_dirs(s), s.controlnet)
+    _check_output_dir(outdir)
 
 
 # ----------------------------------------------------------------------------- models
@@ -455,7 +497,7 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
 
     from .. import __version__
 
-    _check_files(s)
+    _check_before_loading(s, outdir)
     pipe = load_pipeline(s, quiet=quiet)
     s = _with_sampling_defaults(s, pipe.generation_config)
     cfg = pipe.do_classifier_free_guidance(s.guidance)
@@ -513,8 +555,7 @@ def generate(s: Settings, outdir: Path, *, only_index: int | None = None, grid: 
 def settings_from_sidecar(path: str | os.PathLike) -> tuple[Settings, int]:
     """The settings and image index a sidecar describes."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sidecar not found: {path}")
+    _require_file("sidecar", path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         settings = Settings(**record["settings"])

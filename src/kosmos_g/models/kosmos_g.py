@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -187,7 +188,11 @@ class KosmosG(nn.Module):
         with init_empty_weights(include_buffers=False):
             model = cls(config)
         model.tie_weights()  # creating parameters on meta unties shared ones
-        state = load_file(str(path / WEIGHTS_NAME))
+        try:
+            state = load_file(str(path / WEIGHTS_NAME))
+        except SafetensorError as e:  # an empty, cut or overwritten file: say which, not a Rust parse error
+            raise ValueError(f"{path / WEIGHTS_NAME} is damaged or incomplete ({e}); copy it again, "
+                             "or save or convert the folder again.") from e
         model.load_state_dict_strict(state, assign=True)
         dtype = resolve_dtype(dtype)
         if dtype is not None:
