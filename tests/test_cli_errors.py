@@ -80,7 +80,8 @@ CASES: dict[str, tuple[Callable, Callable[[Path], str], bool]] = {
         lambda t: f"Cannot read image file {t / 'notes.png'}", False),
     "image of 30000x30000": (
         lambda t, a, k, m: ["<i>", "-i", str(forged_png(t / "huge.png", 30000, 30000)), *a],
-        lambda t: f"{t / 'huge.png'} is 30000x30000 (900 megapixels); images above 40 megapixels", False),
+        lambda t: f"{t / 'huge.png'} is 30000x30000 (900,000,000 pixels); image files above 40,000,000 pixels "
+                  "(40 megapixels", False),
     "mask of 10000x10000": (
         lambda t, a, k, m: ["a dog", "--init-image", DOG, "--mask", str(forged_png(t / "m.png", 10000, 10000)),
                             *a], lambda t: f"{t / 'm.png'} is 10000x10000", False),

@@ -2,13 +2,13 @@
 
 A prompt is either a string with ``<i>`` placeholders plus an ordered image list,
 ``("<i> wearing <i>", ["dog.png", hat])``, or a Python list mixing text and images,
-``["A photo of", Path("dog.png"), "on the beach"]``. In the list form every ``str`` is text and
-the images are PIL images, numpy arrays and ``pathlib.Path`` (any ``os.PathLike``); a list is
-one prompt when it holds an image, and a batch of prompts when it holds only ``str`` and lists
-(:func:`is_single_prompt`). Each image becomes ``<image>``, N slots and
-``</image>`` (N = 64 for the official model); the slots hold the ``<image>`` id and are
-overwritten by the resampler's output inside the model. Every sequence starts with
-``<s>`` and has no ``</s>``, exactly like the official demo.
+``["A photo of", Path("dog.png"), "on the beach"]``. In the list form every ``str`` is
+text and the images are PIL images, numpy arrays and ``pathlib.Path`` (any
+``os.PathLike``); a list is one prompt when it holds an image, and a batch of prompts
+when it holds only ``str`` and lists (:func:`is_single_prompt`). Each image becomes
+``<image>``, N slots and ``</image>`` (N = 64 for the official model); the slots hold
+the ``<image>`` id and are overwritten by the resampler's output inside the model.
+Every sequence starts with ``<s>`` and has no ``</s>``, exactly like the official demo.
 
 Batches are right-padded; positions, attention and AlignerNet ignore padding, so a
 prompt's condition does not depend on what else is in its batch.
@@ -37,9 +37,11 @@ TOKENIZER_DIR = "tokenizer"
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
 """An image where only an image can stand (``prompt_images``, ``load_image``): a ``str`` is a path."""
 Segment = Union[str, Image.Image, os.PathLike, np.ndarray]
-"""A piece of a list prompt: a ``str`` is text, everything else an image (:func:`is_image`)."""
+"""A piece of a list prompt: a ``str`` is text; a PIL image, numpy array or ``os.PathLike`` an image."""
 Prompt = Union[str, Sequence[Segment]]
 
+# A str prompt or text segment that is just a file name with one of these is refused:
+# it was meant as an image, and read as text it would silently become words or a prompt.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -78,9 +80,10 @@ def _open_image(path: Path) -> Image.Image:
 def _refuse_size(path: Path, size: tuple[int, int] | None) -> None:
     width, height = size or (0, 0)
     if size is None or width * height > MAX_IMAGE_PIXELS:
-        shape = f"{width}x{height} ({width * height / 1e6:.0f} megapixels)" if size else "too large"
-        raise ValueError(f"Image {path} is {shape}; images above {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
-                         "are refused (kosmos_g.processing.MAX_IMAGE_PIXELS). Downscale it first.")
+        shape = f"{width}x{height} ({width * height:,} pixels)" if size else "too large"
+        raise ValueError(f"Image {path} is {shape}; image files above {MAX_IMAGE_PIXELS:,} pixels "
+                         f"({MAX_IMAGE_PIXELS / 1e6:g} megapixels, kosmos_g.processing.MAX_IMAGE_PIXELS) "
+                         "are refused. Downscale it first.")
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
@@ -188,7 +191,8 @@ def is_image(segment: object) -> bool:
 
 def is_single_prompt(prompt: object) -> bool:
     """Whether ``prompt`` is one prompt rather than a batch: a ``str``, or a list (tuple) holding
-    an image. A list of only ``str`` and lists is a batch, each element one prompt.
+    an image (or anything else but ``str`` and lists, which :func:`split_prompt` then refuses).
+    A list of only ``str`` and lists is a batch, each element one prompt.
 
     Example:
         >>> is_single_prompt(["A photo of", Path("dog.png"), "on the beach"]), is_single_prompt(["a", "b"])
