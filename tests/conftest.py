@@ -37,3 +37,14 @@ def tiny(tiny_kosmos_dir):
     from kosmos_g import KosmosG, KosmosGProcessor
 
     return KosmosG.from_pretrained(tiny_kosmos_dir), KosmosGProcessor.from_pretrained(tiny_kosmos_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and two spinning OpenMP threads on a
+    busy 2-core machine run several times slower; restored for the other test files.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,26 +10,15 @@ import stat
 import subprocess
 import sys
 import tempfile
-from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
-from PIL import Image
-from test_processing import forged_png
+from helpers import DOG, forged_png
 
 from kosmos_g.cli import main
 
-DOG = str(files("kosmos_g") / "assets" / "examples" / "dog.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

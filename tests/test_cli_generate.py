@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import DOG, EXAMPLES, HAT
+
 from kosmos_g.cli import main
 
-EXAMPLES = files("kosmos_g") / "assets" / "examples"
-DOG, HAT = str(EXAMPLES / "dog.png"), str(EXAMPLES / "hat.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and two spinning OpenMP threads on a
-    busy 2-core machine run several times slower; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

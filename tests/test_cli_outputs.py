@@ -7,23 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import DOG
 
 from kosmos_g.cli import main
 
-DOG = str(files("kosmos_g") / "assets" / "examples" / "dog.png")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

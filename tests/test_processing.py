@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from helpers import forged_png
 
 from kosmos_g import KosmosGProcessor
 from kosmos_g.processing import load_image, preprocess_image, split_prompt
@@ -273,20 +273,6 @@ def test_docstring_examples_run():
 
 
 # ----------------------------------------------------------------------------- image size limit
-
-def forged_png(path: Path, width: int, height: int) -> Path:
-    """A 1x1 PNG whose header claims ``width`` x ``height``: PIL reads that size without decoding,
-    so a 30000x30000 image costs a few bytes here."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    # 8-byte signature, then the IHDR chunk: length (4), b"IHDR" (4), width and height (4 each) ...
-    data[16:24] = struct.pack(">II", width, height)
-    # ... and a CRC over the chunk type and its 13 data bytes.
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    path.write_bytes(bytes(data))
-    return path
-
 
 @pytest.mark.parametrize("width,height", [(30000, 30000), (10000, 10000), (8000, 5001)])
 def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, width, height):
