@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "kosmos_g.commands.convert",
     "kosmos_g.commands.train",
     "kosmos_g.commands.micro",
+    "kosmos_g.commands.data",
 )
 
 
@@ -84,3 +85,4 @@ def _one_line(e: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
