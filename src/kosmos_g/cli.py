@@ -85,4 +85,3 @@ def _one_line(e: BaseException) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
-
