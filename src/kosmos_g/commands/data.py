@@ -77,6 +77,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _run_options(p)
     p.set_defaults(func=run_compose)
 
+    p = sub.add_parser(
+        "instructpix2pix", help="InstructPix2Pix (folder or parquet release) -> edit shards",
+        description="Convert InstructPix2Pix's CLIP-filtered release (seeds.json + prompt folders) or its parquet "
+                    "release into edit shards: one sample per (prompt, seed), shorter sides resized to --size.")
+    p.add_argument("input", metavar="INPUT", help="the release's folder, or a .parquet file / folder of them")
+    p.add_argument("--size", type=int, default=512, help="shorter side of both images (default 512)")
+    p.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    _run_options(p)
+    p.set_defaults(func=run_instructpix2pix)
+
+    p = sub.add_parser(
+        "captions", help="image-caption pairs (img2dataset tars/parquet, TSV/JSONL lists) -> caption shards",
+        description="Convert image-caption pairs into caption shards with the stage-2 filters: empty captions, "
+                    "captions over --max-clip-tokens CLIP tokens or --max-words words, images under --min-side.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="WebDataset tars (img2dataset), .parquet with image bytes, or a .tsv/.jsonl list")
+    p.add_argument("--clip-tokenizer", metavar="DIR", help="CLIP tokenizer folder for --max-clip-tokens")
+    p.add_argument("--max-clip-tokens", type=int, default=None, metavar="N",
+                   help="drop captions over N CLIP tokens (the release: 75; needs --clip-tokenizer)")
+    p.add_argument("--max-words", type=int, default=None, metavar="N", help="drop captions over N words")
+    p.add_argument("--min-side", type=int, default=0, metavar="PX", help="drop images whose shorter side is smaller")
+    _run_options(p)
+    p.set_defaults(func=run_captions)
+
 
 def _print_manifest(manifest: dict, out: str) -> None:
     print(json.dumps({"output_dir": out, "samples": manifest["samples"], "failures": manifest["failures"],
@@ -105,5 +129,24 @@ def run_compose(args: argparse.Namespace) -> int:
         image_format=args.image_format, workers=args.workers)
     manifest = compose(args.inputs, args.output_dir, config, chunk_size=args.chunk_size, shard=args.shard,
                        engine=args.engine, progress=not args.quiet, ray_address=args.ray_address)
+    _print_manifest(manifest, args.output_dir)
+    return 0
+
+
+def run_instructpix2pix(args: argparse.Namespace) -> int:
+    from ..data.converters import convert_instructpix2pix
+
+    manifest = convert_instructpix2pix(args.input, args.output_dir, size=args.size, chunk_size=args.chunk_size,
+                                       shard=args.shard, image_format=args.image_format, progress=not args.quiet)
+    _print_manifest(manifest, args.output_dir)
+    return 0
+
+
+def run_captions(args: argparse.Namespace) -> int:
+    from ..data.converters import convert_captions
+
+    manifest = convert_captions(args.inputs, args.output_dir, max_clip_tokens=args.max_clip_tokens,
+                                clip_tokenizer=args.clip_tokenizer, max_words=args.max_words, min_side=args.min_side,
+                                chunk_size=args.chunk_size, shard=args.shard, progress=not args.quiet)
     _print_manifest(manifest, args.output_dir)
     return 0
