@@ -246,3 +246,20 @@ def test_decode_record_center_crops_and_resizes(tmp_path):
     Image.fromarray(img).save(tmp_path / "a.png")
     rec = decode_record(InputItem(key="a", source="a.png", path=str(tmp_path / "a.png")), size=8, seed=0)
     assert rec["image"].shape == (8, 8, 3) and (rec["image"] == 200).all() and rec["error"] is None
+
+
+def test_inspect_counts_and_draws_a_contact_sheet(reference, tmp_path, capsys):
+    out, manifest = reference
+    sheet = tmp_path / "sheet.png"
+    assert main(["data", "inspect", str(out), "--sheet", str(sheet), "--rows", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["kinds"] == {"compositional": manifest["samples"]} and report["bad"] == 0
+    assert sum(report["entities"].values()) == manifest["samples"] and report["sheet"] == str(sheet)
+    with Image.open(sheet) as im:
+        width, height = im.size
+        pixels = np.asarray(im.convert("RGB"))
+    most = max(int(k) for k in report["entities"])
+    assert width >= 96 * (1 + 2 * min(most, 1)) and height > 3 * 96
+    assert (pixels < 250).any() and (pixels == 255).any()  # thumbnails and text on white
+    assert main(["data", "inspect", str(out), "--sheet", str(tmp_path / "sheet.jpg")]) == 2
+    assert ".png" in capsys.readouterr().err

@@ -38,6 +38,7 @@ ANSWERS = [
     ("red hat, hat", ["red hat"]),
     ('"dog", "hat"', ["dog", "hat"]),
     ("dog, hat, sofa, and cats.", ["dog", "hat", "cats", "sofa"]),
+    ("a, the, next to", []),               # function words alone are never entities
 ]
 
 

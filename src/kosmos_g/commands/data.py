@@ -101,6 +101,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _run_options(p)
     p.set_defaults(func=run_captions)
 
+    p = sub.add_parser(
+        "inspect", help="count the samples of shards and draw a contact sheet",
+        description="Count samples per kind, entities per compositional sample and bad samples; with --sheet, "
+                    "draw the first --rows samples (target, each entity's two crops, the caption) into a PNG.")
+    p.add_argument("shards", nargs="+", metavar="SHARDS", help="a folder of shards, a .tar, a glob or {a..b} pattern")
+    p.add_argument("--sheet", metavar="PNG", help="write a contact sheet to this .png")
+    p.add_argument("--rows", type=int, default=16, help="samples on the sheet (default 16)")
+    p.set_defaults(func=run_inspect)
+
 
 def _print_manifest(manifest: dict, out: str) -> None:
     print(json.dumps({"output_dir": out, "samples": manifest["samples"], "failures": manifest["failures"],
@@ -149,4 +158,11 @@ def run_captions(args: argparse.Namespace) -> int:
                                 clip_tokenizer=args.clip_tokenizer, max_words=args.max_words, min_side=args.min_side,
                                 chunk_size=args.chunk_size, shard=args.shard, progress=not args.quiet)
     _print_manifest(manifest, args.output_dir)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from ..data.inspect import inspect_shards
+
+    print(json.dumps(inspect_shards(args.shards, sheet=args.sheet, rows=args.rows)))
     return 0

@@ -31,6 +31,8 @@ _MARKER = re.compile(r"^\s*(?:\(?\d{1,3}[.)]|\(?[a-z][.)](?=\s)|[-*•·–])\s*
 _LABEL = re.compile(r"^\s*(?:the\s+)?(?:foreground\s+)?(?:objects?|entities|entity|nouns?|answer|response|output)"
                     r"(?:\s+mentioned(?:\s+in\s+the\s+caption)?)?\s*(?:are|is|:|-)\s*", re.IGNORECASE)
 _ARTICLE = re.compile(r"^(?:a|an|the|some|two|three|several|many)\s+", re.IGNORECASE)
+# Words that are never an entity on their own (a bare "a" would match any caption).
+_FUNCTION_WORDS = frozenset("a an the some of and or to in on at with next by for from near".split())
 _SEPARATORS = re.compile(r",|;|\n|\band\b|&|/", re.IGNORECASE)
 
 
@@ -79,7 +81,7 @@ def candidate_phrases(answer: str) -> list[str]:
         for part in _SEPARATORS.split(line):
             part = part.strip().strip("\"'`*.:()[]{}").strip()
             part = _ARTICLE.sub("", part).strip()
-            if part:
+            if part and not all(w.lower() in _FUNCTION_WORDS for w in part.split()):
                 items.append(part)
     return items
 
