@@ -31,8 +31,8 @@ import torch
 from ..fileio import atomic_write_bytes, atomic_write_text
 from .metrics import ClipScorer, DinoScorer, FeatureStats, cosine, load_rgb, resize_center_crop
 
-__all__ = ["Item", "KosmosGGenerator", "SDGenerator", "generate_items", "score_items", "my_share", "grid_image",
-           "SIDECAR_FORMAT", "REPORT_FORMAT", "write_report"]
+__all__ = ["Item", "process_state", "KosmosGGenerator", "SDGenerator", "generate_items", "score_items",
+           "image_stats", "my_share", "grid_image", "write_report", "SIDECAR_FORMAT", "REPORT_FORMAT"]
 
 SIDECAR_FORMAT = "kosmos-g-eval/1"
 REPORT_FORMAT = "kosmos-g-eval-report/1"
@@ -64,10 +64,17 @@ class Item:
 # ----------------------------------------------------------------------------- processes
 
 
-def _state():
+def process_state():
+    """accelerate's process state. Without a GPU it is asked for the CPU (gloo) explicitly: otherwise
+    ``accelerate launch --multi_gpu`` on CPUs starts independent single-process runs."""
     from accelerate import PartialState
 
-    return PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=world > 1 and not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise RuntimeError(f"Launched as {world} processes but accelerate formed a group of {state.num_processes}; "
+                           "check the accelerate launch flags.")
+    return state
 
 
 def my_share(items: Sequence[Item], rank: int, world: int) -> list[Item]:
@@ -171,7 +178,7 @@ def generate_items(items: Sequence[Item], out_dir: Path, make_generator: Callabl
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
-    state = _state()
+    state = process_state()
     mine = my_share(items, state.process_index, state.num_processes)
     pending = [it for it in mine if not _done(it, out_dir, settings, overwrite)]
     made = 0
@@ -226,7 +233,7 @@ def score_items(items: Sequence[Item], image_dir: Path, *, dino: DinoScorer | No
     """
     from tqdm.auto import tqdm
 
-    state = _state()
+    state = process_state()
     mine = my_share(items, state.process_index, state.num_processes)
     missing = [str(image_path(image_dir, it.key)) for it in mine if not image_path(image_dir, it.key).is_file()]
     if missing:
@@ -283,7 +290,7 @@ def image_stats(paths: Sequence[Path], inception: torch.nn.Module, *, size: int 
     and summed; every process gets the total."""
     from tqdm.auto import tqdm
 
-    state = _state()
+    state = process_state()
     mine = list(paths)[state.process_index::state.num_processes]
     stats = FeatureStats.empty(inception.num_features)
     bar = tqdm(total=len(mine), desc=desc, unit="image", dynamic_ncols=True,

@@ -25,7 +25,8 @@ from ..fileio import atomic_file, atomic_write_text
 from .inception import FIDInceptionV3
 from .metrics import ClipScorer, DinoScorer, FeatureStats, fid, load_rgb, markdown_table, protocol_mean
 from .protocols import COCO_SAMPLING, DREAMBENCH_SAMPLING, PAPER, dreambench_cases, sample_coco_captions
-from .runner import IMAGE_SUFFIXES, Item, _state, generate_items, grid_image, image_stats, score_items, write_report
+from .runner import (IMAGE_SUFFIXES, Item, generate_items, grid_image, image_stats, process_state, score_items,
+                     write_report)
 
 __all__ = ["run_dreambench", "run_coco_fid", "run_score", "summarize", "dreambench_items", "coco_items",
            "read_prompts"]
@@ -111,7 +112,7 @@ def run_dreambench(data: str | os.PathLike, out_dir: str | os.PathLike, make_gen
     for path in (dino, clip):
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(f"model folder not found or without config.json: {path}.")
-    state = _state()
+    state = process_state()
     device = state.device
     generate_items(items, out_dir / "images", make_generator, settings=settings, batch_size=batch_size,
                    overwrite=overwrite, progress=progress, desc="DreamBench images")
@@ -201,7 +202,7 @@ def reference_stats(images: str | os.PathLike, inception: FIDInceptionV3, weight
                              f"at {size} px); pass another --reference-stats, or delete it to recompute.")
         return stats
     stats = image_stats(files, inception, size=size, progress=progress)
-    state = _state()
+    state = process_state()
     if state.is_main_process:
         stats.save(cache, {**meta, "folder": Path(images).name})
     state.wait_for_everyone()
@@ -221,7 +222,7 @@ def run_coco_fid(captions: str | os.PathLike, coco_images: str | os.PathLike, ou
     items = coco_items(captions, limit=limit, seed=seed)
     if inception_net is None:
         inception_net = FIDInceptionV3.from_file(inception)
-    state = _state()
+    state = process_state()
     inception_net = inception_net.to(state.device)
     size = COCO_SAMPLING["size"]
     cache = Path(reference_cache) if reference_cache else out_dir / f"reference-stats-{size}.safetensors"
@@ -295,7 +296,7 @@ def run_score(generated: str | os.PathLike, out_dir: str | os.PathLike, *, promp
         raise ValueError("give --prompts FILE (CLIP-T, DINO, CLIP-I) and/or --reference DIR (FID).")
     if make_generator is not None and prompts is None:
         raise ValueError("--baseline needs --prompts FILE: the prompts to generate from.")
-    state = _state()
+    state = process_state()
     if prompts is not None:
         entries = read_prompts(prompts)
         if make_generator is not None:
