@@ -28,6 +28,8 @@ COMMAND_MODULES = (
     "kosmos_g.commands.convert",
     "kosmos_g.commands.train",
     "kosmos_g.commands.micro",
+    "kosmos_g.commands.demo",
+    "kosmos_g.commands.eval",
     "kosmos_g.commands.data",
 )
 
