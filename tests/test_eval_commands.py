@@ -196,3 +196,21 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
     assert [r["key"] for r in b["images"]] == [r["key"] for r in a["images"]]
     for subject, scores in a["per_subject"].items():
         assert b["per_subject"][subject] == pytest.approx(scores, abs=1e-4)
+
+
+def test_the_docs_python_example_runs(world, tmp_path, monkeypatch, calls):
+    """docs/evaluation.md's Python block, on the tiny folders, on the CPU and with 2 steps."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    for name, key in (("ckpt/kosmos-g", "kosmos"), ("ckpt/sd-v1-5", "sd"), ("ckpt/dino-vits16", "dino"),
+                      ("ckpt/clip-vit-base-patch32", "clip"), ("dreambooth/dataset", "data")):
+        shutil.copytree(world[key], tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    code = block.replace('"cuda"', '"cpu"').replace('"fp16"', '"fp32"').replace("steps=100", "steps=2")
+    code = code.replace('"steps": 100', '"steps": 2')
+    exec(compile(code, "docs/evaluation.md python block", "exec"), {})
+    assert json.loads((tmp_path / "eval/dreambench-quick/results.json").read_text())["scores"]["n"] == 16

@@ -174,3 +174,14 @@ def test_real_inception_weights_match_the_reference_features():
                                    feature_extractor_weights_path=path)
     x = torch.from_numpy(np.stack([np.asarray(random_image(k, (256, 256))) for k in range(2)])).permute(0, 3, 1, 2)
     torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_the_eval_extra_does_not_pull_torch_fidelity_or_torchvision():
+    """torchmetrics[image] -> torch-fidelity, torchvision -> a CUDA torch in place of the user's CPU one."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["eval"]
+    assert any(r.startswith("torchmetrics") for r in extra)
+    assert not any("[image]" in r or "fidelity" in r or "torchvision" in r for r in extra)
