@@ -73,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compute.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers")
     compute.add_argument("--engine", choices=("local", "ray"), default="local",
                          help="local (one process) or ray (Ray Data actor pools; pip install 'kosmos-g[data]')")
-    compute.add_argument("--ray-address", default=None, help="Ray cluster address (default: start or join a local one)")
+    compute.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
+    compute.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                         help="actors per model stage with --engine ray (each holds one model, one GPU if any)")
     _run_options(p)
     p.set_defaults(func=run_compose)
 
@@ -137,7 +139,8 @@ def run_compose(args: argparse.Namespace) -> int:
         mask_batch_size=args.mask_batch_size, dtype=args.dtype, device=args.device, seed=args.seed,
         image_format=args.image_format, workers=args.workers)
     manifest = compose(args.inputs, args.output_dir, config, chunk_size=args.chunk_size, shard=args.shard,
-                       engine=args.engine, progress=not args.quiet, ray_address=args.ray_address)
+                       engine=args.engine, progress=not args.quiet, ray_address=args.ray_address,
+                       ray_actors=args.ray_actors)
     _print_manifest(manifest, args.output_dir)
     return 0
 

@@ -502,7 +502,7 @@ def local_chunk_fn(config: ComposeConfig, steps: Sequence[Callable[[list[dict]],
 
 def compose(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             config: ComposeConfig, *, chunk_size: int = 1000, shard: str | tuple[int, int] | None = None,
-            engine: str = "local", progress: bool = True, ray_address: str | None = None) -> dict:
+            engine: str = "local", progress: bool = True, ray_address: str | None = None, ray_actors: int = 1) -> dict:
     """Build compositional shards from images; resumable (see :mod:`kosmos_g.data.runner`). Returns the manifest.
 
     Example:
@@ -521,7 +521,7 @@ def compose(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: st
         from .ray_engine import compose_ray
 
         return compose_ray(items, out_dir, config, chunk_size=chunk_size, shard=shard, progress=progress,
-                           run_info=run_info, address=ray_address)
+                           run_info=run_info, address=ray_address, actors=ray_actors)
     return run_chunks(items, out_dir, local_chunk_fn(config), chunk_size=chunk_size, prefix="compositional",
                       shard=shard, progress=progress, run_info=run_info, desc="compose")
 

@@ -302,18 +302,10 @@ def write_manifest(out_dir: str | os.PathLike, run_info: dict | None = None) -> 
     return manifest
 
 
-def run_chunks(items: Sequence[InputItem], out_dir: str | os.PathLike, chunk_fn: ChunkFn, *, chunk_size: int = 1000,
-               prefix: str = "shard", shard: str | tuple[int, int] | None = None, progress: bool = True,
-               run_info: dict | None = None, desc: str = "samples") -> dict:
-    """Run ``chunk_fn`` on every chunk of ``items`` this machine owns and is not done; returns the manifest.
-
-    ``chunk_fn(chunk, update)`` returns (samples for :class:`ShardWriter`, failures as
-    ``{"key", "source", "reason", ...}`` dicts); it calls ``update(n, kept=..., reason=...)`` as it
-    goes to move the progress bar. The samples may be a generator that fills the failure list as it
-    runs: the list is read once the samples are written.
-    """
-    from tqdm.auto import tqdm
-
+def plan_chunks(items: Sequence[InputItem], out_dir: str | os.PathLike, *, chunk_size: int, prefix: str,
+                shard: str | tuple[int, int] | None, run_info: dict | None) -> tuple[list[list[InputItem]], list[int], dict]:
+    """(all chunks, the numbers of those this machine owns and has not finished, the full run info);
+    refuses a folder holding a run made with other settings."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     i, n = parse_shard_spec(shard)
@@ -324,35 +316,72 @@ def run_chunks(items: Sequence[InputItem], out_dir: str | os.PathLike, chunk_fn:
                 "chunks": len(chunks)}
     _check_run(out, run_info)
     done = done_chunks(out)
-    todo = [j for j in range(len(chunks)) if j % n == i and j not in done]
-    counts: Counter = Counter()
-    bar = tqdm(total=sum(len(chunks[j]) for j in todo), desc=desc, unit="img", disable=not progress,
-               dynamic_ncols=True)
+    return chunks, [j for j in range(len(chunks)) if j % n == i and j not in done], run_info
 
-    def update(k: int = 1, *, kept: int = 0, reasons: Iterable[str] = ()) -> None:
-        counts["kept"] += kept
+
+def finish_chunk(out_dir: str | os.PathLike, j: int, *, prefix: str, chunk_size: int, samples: Iterable[dict],
+                 failures: list[dict], run_info: dict) -> list[str]:
+    """Write chunk ``j``'s samples as shard ``<prefix>-{j:06d}.tar``, then its record, then the manifest.
+
+    ``failures`` may be filled while ``samples`` is consumed (a generator); it is read afterwards.
+    Returns the keys written.
+    """
+    out = Path(out_dir)
+    name = f"{prefix}-{j:06d}.tar"
+    (out / name).unlink(missing_ok=True)  # published by a run killed before its record: redo
+    keys: list[str] = []
+    with ShardWriter(out, prefix=prefix, max_samples=chunk_size, start_index=j, overwrite=True) as writer:
+        for sample in samples:
+            keys.append(writer.write(sample))
+    if writer.shards and writer.shards[0].name != name:
+        raise RuntimeError(f"chunk {j} wrote {writer.shards[0].name}, expected {name}")
+    record = {"chunk": j, "shard": name if keys else None, "keys": keys, "failures": failures}
+    atomic_write_text(_record_path(out, j), json.dumps(record, ensure_ascii=False))
+    write_manifest(out, run_info)
+    return keys
+
+
+class Progress:
+    """A tqdm bar over inputs with the kept count and the dropped counts by reason in its postfix."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.counts: Counter = Counter()
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+
+    def update(self, k: int = 1, *, kept: int = 0, reasons: Iterable[str] = ()) -> None:
+        self.counts["kept"] += kept
         for r in reasons:
-            counts[r] += 1
-        bar.update(k)
-        bar.set_postfix(counts, refresh=False)
+            self.counts[r] += 1
+        self.bar.update(k)
+        self.bar.set_postfix(self.counts, refresh=False)
 
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_chunks(items: Sequence[InputItem], out_dir: str | os.PathLike, chunk_fn: ChunkFn, *, chunk_size: int = 1000,
+               prefix: str = "shard", shard: str | tuple[int, int] | None = None, progress: bool = True,
+               run_info: dict | None = None, desc: str = "samples") -> dict:
+    """Run ``chunk_fn`` on every chunk of ``items`` this machine owns and is not done; returns the manifest.
+
+    ``chunk_fn(chunk, update)`` returns (samples for :class:`ShardWriter`, failures as
+    ``{"key", "source", "reason", ...}`` dicts); it calls ``update(n, kept=..., reasons=...)`` as it
+    goes to move the progress bar. The samples may be a generator that fills the failure list as it
+    runs: the list is read once the samples are written.
+    """
+    chunks, todo, run_info = plan_chunks(items, out_dir, chunk_size=chunk_size, prefix=prefix, shard=shard,
+                                         run_info=run_info)
+    bar = Progress(sum(len(chunks[j]) for j in todo), desc, progress)
     try:
         for j in todo:
-            name = f"{prefix}-{j:06d}.tar"
-            (out / name).unlink(missing_ok=True)  # published by a run killed before its record: redo
-            keys, failures = [], []
-            with ShardWriter(out, prefix=prefix, max_samples=chunk_size, start_index=j, overwrite=True) as writer:
-                samples, failures = chunk_fn(chunks[j], update)
-                for sample in samples:
-                    keys.append(writer.write(sample))
-            if writer.shards and writer.shards[0].name != name:
-                raise RuntimeError(f"chunk {j} wrote {writer.shards[0].name}, expected {name}")
-            record = {"chunk": j, "shard": name if keys else None, "keys": keys, "failures": failures}
-            atomic_write_text(_record_path(out, j), json.dumps(record, ensure_ascii=False))
-            write_manifest(out, run_info)
+            samples, failures = chunk_fn(chunks[j], bar.update)
+            finish_chunk(out_dir, j, prefix=prefix, chunk_size=chunk_size, samples=samples, failures=failures,
+                         run_info=run_info)
     finally:
         bar.close()
-    return write_manifest(out, run_info)
+    return write_manifest(out_dir, run_info)
 
 
 def read_failures(out_dir: str | os.PathLike) -> list[dict]:
