@@ -4,6 +4,7 @@ the bounded queue, live progress and a cancel that stops the sampling loop."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import socket
@@ -61,9 +62,10 @@ def client(server):
 
 
 def error_of(fn, *args, **kwargs) -> str:
+    """The message of the error ``fn`` raises (the page gets it HTML-escaped, shown as written)."""
     with pytest.raises(Exception) as info:
         fn(*args, **kwargs)
-    return str(info.value)
+    return html.unescape(str(info.value))
 
 
 def test_generates_two_images_with_png_and_json_sidecar(client, engine):

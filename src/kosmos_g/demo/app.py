@@ -118,6 +118,10 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
     thumbs: dict = {}
     skip = gr.skip
 
+    def page_error(message: str):
+        # The page renders an error's message as HTML: escaped, a prompt's <i> shows as typed.
+        return gr.Error(html.escape(message), print_exception=False)
+
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\n" + PAGE_INTRO.format(ph=PLACEHOLDER) + f"  \nModel: `{engine.model_name}`.")
         with gr.Row():
@@ -215,7 +219,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
         def on_add(text: Any):
             text = text if isinstance(text, str) else ""
             if text.count(PLACEHOLDER) >= n_slots:
-                raise gr.Error(f"At most {n_slots} images fit in a prompt.", print_exception=False)
+                raise page_error(f"At most {n_slots} images fit in a prompt.")
             return (text.rstrip() + " " + PLACEHOLDER).lstrip()
 
         add_image.click(on_add, prompt, prompt, queue=False, api_visibility="private", show_progress="hidden")
@@ -224,7 +228,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
             try:
                 path = engine.upload_file(value, "The image")
             except DemoError as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise page_error(str(e)) from None
             return None if path is None else str(path)
 
         for k in range(1, n_slots):
@@ -263,7 +267,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
                     controlnet=v["controlnet"], control_image=v["control_image"], control_scale=v["control_scale"],
                     lora=v["lora"], lora_scale=v["lora_scale"])
             except DemoError as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise page_error(str(e)) from None
             job = engine.start(request)
             try:
                 while not job.wait(0.1):
@@ -276,7 +280,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
             finally:
                 job.cancel()  # a no-op when the job is done; stops the sampling loop when this is closed
             if job.error is not None:
-                raise gr.Error(str(job.error), print_exception=False)
+                raise page_error(str(job.error))
             pngs = [str(p) for p in job.images]
             captions = [(p, f"seed {request.seed + k}") for k, p in enumerate(pngs)]
             text = (f"{len(pngs)} image{'s' if len(pngs) > 1 else ''} in {job.seconds:.1f} s, seed {request.seed}"
@@ -316,14 +320,14 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
 
         def on_use(text: Any, index: Any, pngs: list, *values: Any):
             if not pngs:
-                raise gr.Error("Generate an image first, then use it as an input.", print_exception=False)
+                raise page_error("Generate an image first, then use it as an input.")
             index = index if isinstance(index, int) and 0 <= index < len(pngs) else 0
             text = text if isinstance(text, str) else ""
             n = text.count(PLACEHOLDER)
             empty = next((k for k in range(n) if values[k] is None), None)
             if empty is None:
                 if n >= n_slots:
-                    raise gr.Error(f"All {n_slots} image slots are full; remove one first.", print_exception=False)
+                    raise page_error(f"All {n_slots} image slots are full; remove one first.")
                 empty, text = n, (text.rstrip() + " " + PLACEHOLDER).lstrip()
             out = [skip()] * n_slots
             out[empty] = pngs[index]
@@ -340,7 +344,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
                 if not all(isinstance(x, (int, float)) for x in (low, high)) or not 0 <= low <= high <= 1:
                     raise DemoError("Canny low must be between 0 and canny high, and high at most 1.")
             except DemoError as e:
-                raise gr.Error(str(e), print_exception=False) from None
+                raise page_error(str(e)) from None
             path = engine.output_dir / "control" / f"canny-{os.urandom(6).hex()}.png"
             path.parent.mkdir(exist_ok=True)
             canny_edges(image, float(low), float(high)).save(path)
