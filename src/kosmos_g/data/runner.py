@@ -303,7 +303,8 @@ def write_manifest(out_dir: str | os.PathLike, run_info: dict | None = None) -> 
 
 
 def plan_chunks(items: Sequence[InputItem], out_dir: str | os.PathLike, *, chunk_size: int, prefix: str,
-                shard: str | tuple[int, int] | None, run_info: dict | None) -> tuple[list[list[InputItem]], list[int], dict]:
+                shard: str | tuple[int, int] | None, run_info: dict | None,
+                ) -> tuple[list[list[InputItem]], list[int], dict]:
     """(all chunks, the numbers of those this machine owns and has not finished, the full run info);
     refuses a folder holding a run made with other settings."""
     if chunk_size < 1:
