@@ -263,3 +263,25 @@ def test_inspect_counts_and_draws_a_contact_sheet(reference, tmp_path, capsys):
     assert (pixels < 250).any() and (pixels == 255).any()  # thumbnails and text on white
     assert main(["data", "inspect", str(out), "--sheet", str(tmp_path / "sheet.jpg")]) == 2
     assert ".png" in capsys.readouterr().err
+
+
+def test_grounding_boxes_match_labels_and_do_not_depend_on_the_batch(models):
+    import torch
+
+    from kosmos_g.data.compose import GroundedSamSegmenter, _best_boxes
+
+    res = {"scores": torch.tensor([0.5, 0.9, 0.7, 0.6]), "text_labels": ["dog", "dog", "red hat", ""],
+           "boxes": torch.tensor([[0.0, 0, 1, 1], [1, 1, 2, 2], [3, 3, 4, 4], [5, 5, 6, 6]])}
+    assert _best_boxes(res, ["Dog", "hat", "cat"]) == [[1, 1, 2, 2], [3, 3, 4, 4], None]
+    seg = GroundedSamSegmenter(config(models, segmenter="grounded-sam", segmenter_path=None, box_threshold=0.0,
+                                      grounding_dino=str(models["grounding_dino"]), sam=str(models["sam"])))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(3)]
+    texts = [["square"], ["red circle", "dog"], ["hat", "square", "circle"]]
+    together = seg.boxes(images, texts)
+    alone = [seg.boxes([im], [t])[0] for im, t in zip(images, texts)]
+    for a, b in zip(together, alone):
+        assert [x is None for x in a] == [x is None for x in b]
+        assert np.allclose([x for x in a if x is not None], [x for x in b if x is not None], atol=1e-4)
+    masks = seg._masks(0, images[0], [[2.0, 2.0, 20.0, 30.0], None])
+    assert masks[0, 0].shape == (SIZE, SIZE) and not masks[0, 1].any()

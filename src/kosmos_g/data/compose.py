@@ -319,8 +319,10 @@ class ClipSegSegmenter:
 class GroundedSamSegmenter:
     """Beyond the paper: the best Grounding-DINO box for each entity, refined to a mask by SAM.
 
-    Cleaner masks than CLIPSeg's heat maps on cluttered photos; the same post-processing follows
-    (dilation and largest component), so crops are made the same way.
+    SAM's masks follow object edges, where CLIPSeg's are a thresholded 352x352 heat map; the same
+    post-processing follows (dilation and largest component), so crops are made the same way.
+    Grounding-DINO images go in batches of ``mask_batch_size``; SAM takes all of an image's boxes in
+    one call. Both run in fp32 (``dtype`` applies to the other models).
     """
 
     def __init__(self, config: ComposeConfig) -> None:
@@ -335,51 +337,63 @@ class GroundedSamSegmenter:
         self.sam = SamModel.from_pretrained(config.sam).to(self.device).eval()
         self._torch = torch
 
-    def boxes(self, image, texts: list[str]) -> list[list[float] | None]:
-        """The highest-scoring box (x0, y0, x1, y1) for each text, or None when none passes the threshold."""
-        prompt = ". ".join(t.lower() for t in texts) + "."
-        inputs = self.dino_processor(images=image, text=prompt, return_tensors="pt").to(self.device)
+    def boxes(self, images: Sequence, texts: Sequence[Sequence[str]]) -> list[list[list[float] | None]]:
+        """For each image, the highest-scoring box (x0, y0, x1, y1) of each of its texts, or None where no
+        box passes the threshold; one batched Grounding-DINO call."""
+        prompts = [". ".join(t.lower() for t in ts) + "." for ts in texts]
+        inputs = self.dino_processor(images=list(images), text=prompts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
         with self._torch.inference_mode():
             out = self.dino(**inputs)
-        res = self.dino_processor.post_process_grounded_object_detection(
+        results = self.dino_processor.post_process_grounded_object_detection(
             out, inputs["input_ids"], threshold=self.config.box_threshold, text_threshold=self.config.box_threshold,
-            target_sizes=[image.size[::-1]])[0]
-        best: dict[str, tuple[float, list[float]]] = {}
-        for score, label, box in zip(res["scores"].tolist(), res["text_labels"], res["boxes"].tolist()):
-            label = label.strip().lower()
-            if label and (label not in best or score > best[label][0]):
-                best[label] = (score, box)
-        out_boxes = []
-        for t in texts:
-            hit = best.get(t.lower())
-            if hit is None:  # a label DINO merged or cut: the best box whose label is part of the text or holds it
-                cands = [v for k, v in best.items() if k in t.lower() or t.lower() in k]
-                hit = max(cands) if cands else None
-            out_boxes.append(hit[1] if hit else None)
-        return out_boxes
+            target_sizes=[im.size[::-1] for im in images])
+        return [_best_boxes(res, ts) for res, ts in zip(results, texts)]
 
     def __call__(self, records: list[dict]) -> list[dict]:
         masks: dict[tuple[int, int], np.ndarray] = {}
-        for i, r in enumerate(records):
-            if r["error"] is not None:
-                continue
-            image = _pil(r)
-            side = r["image"].shape[0]
-            boxes = self.boxes(image, [e.text for e in r["entities"]])
-            found = [(e, b) for e, b in enumerate(boxes) if b is not None]
-            for e in range(len(boxes)):
-                masks[i, e] = np.zeros((side, side), bool)
-            for batch in _batches(found, self.config.mask_batch_size):
-                inputs = self.sam_processor(images=image, input_boxes=[[b for _, b in batch]], return_tensors="pt")
-                inputs = inputs.to(self.device)
-                with self._torch.inference_mode():
-                    out = self.sam(**inputs, multimask_output=False)
-                pred = self.sam_processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"].cpu(),
-                                                             inputs["reshaped_input_sizes"].cpu())[0]  # (n, 1, H, W)
-                for (e, _), m in zip(batch, pred):
-                    masks[i, e] = m[0].numpy().astype(bool)
+        todo = [i for i, r in enumerate(records) if r["error"] is None]
+        for batch in _batches(todo, self.config.mask_batch_size):
+            images = [_pil(records[i]) for i in batch]
+            found = self.boxes(images, [[e.text for e in records[i]["entities"]] for i in batch])
+            for i, image, boxes in zip(batch, images, found):
+                masks.update(self._masks(i, image, boxes))
         _keep_masks(records, masks)
         return records
+
+    def _masks(self, i: int, image, boxes: list[list[float] | None]) -> dict[tuple[int, int], np.ndarray]:
+        """SAM masks of one image's boxes (one call for all of them); an entity without a box gets an empty mask."""
+        out = {(i, e): np.zeros(image.size[::-1], bool) for e in range(len(boxes))}
+        found = [(e, b) for e, b in enumerate(boxes) if b is not None]
+        if not found:
+            return out
+        inputs = self.sam_processor(images=image, input_boxes=[[b for _, b in found]], return_tensors="pt")
+        inputs = inputs.to(self.device)
+        with self._torch.inference_mode():
+            pred = self.sam(**inputs, multimask_output=False).pred_masks.cpu()
+        pred = self.sam_processor.post_process_masks(pred, inputs["original_sizes"].cpu(),
+                                                     inputs["reshaped_input_sizes"].cpu())[0]  # (n, 1, H, W)
+        for (e, _), m in zip(found, pred):
+            out[i, e] = m[0].numpy().astype(bool)
+        return out
+
+
+def _best_boxes(result: dict, texts: Sequence[str]) -> list[list[float] | None]:
+    """The best box per text from one image's post-processed detections (labels matched without case;
+    a label Grounding-DINO cut or merged matches a text it is part of, or that is part of it)."""
+    best: dict[str, tuple[float, list[float]]] = {}
+    for score, label, box in zip(result["scores"].tolist(), result["text_labels"], result["boxes"].tolist()):
+        label = label.strip().lower()
+        if label and (label not in best or score > best[label][0]):
+            best[label] = (score, box)
+    out: list[list[float] | None] = []
+    for t in texts:
+        hit = best.get(t.lower())
+        if hit is None:
+            cands = [v for k, v in best.items() if k in t.lower() or t.lower() in k]
+            hit = max(cands) if cands else None
+        out.append(hit[1] if hit else None)
+    return out
 
 
 # ----------------------------------------------------------------------------- records and samples
