@@ -141,3 +141,33 @@ def test_a_missing_image_is_one_sentence_on_the_page(page):
     page.locator("#generate").click()
     expect(page.get_by_text("The prompt has 2 <i> but 1 image was given; upload an image into slot 2.")
            ).to_be_visible()
+
+
+def test_an_example_runs_in_one_click_and_an_output_goes_back_into_a_slot(page):
+    from playwright.sync_api import expect
+
+    page.locator("#examples").get_by_text("a large <i> on the left, on a green background").click()
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)  # no Generate click needed
+    expect(page.locator("#prompt textarea")).to_have_value("a large <i> on the left, on a green background")
+    page.locator("#use-as-input").click()  # slot 1 is full: a second <i> and slot take the output
+    expect(page.locator("#prompt textarea")).to_have_value("a large <i> on the left, on a green background <i>")
+    expect(page.locator("#slot-2 img")).to_have_count(1)
+    expect(page.locator("#preview img")).to_have_count(2)
+    page.locator("#slot-1-remove").click()  # drops the first <i> and its image; the output moves up
+    expect(page.locator("#prompt textarea")).to_have_value("a large on the left, on a green background <i>")
+    expect(page.locator("#slot-col-2")).to_be_hidden()
+    expect(page.locator("#slot-1 img")).to_have_count(1)
+
+
+def test_the_cancel_button_stops_a_run_and_progress_is_shown(page):
+    from playwright.sync_api import expect
+
+    page.locator("#prompt textarea").fill("a large red square on the left, on a green background")
+    page.locator("#steps input[type=number]").fill("100")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    expect(page.locator("#status")).to_contain_text("Sampling: step", timeout=30_000)
+    page.locator("#cancel").click()
+    expect(page.locator("#status")).to_have_text("Cancelled.")
+    page.wait_for_timeout(500)
+    expect(page.locator("#gallery img")).to_have_count(0)
