@@ -349,6 +349,26 @@ def test_eval_quick_on_the_smoke_release_writes_table_and_grid(smoke_run, tmp_pa
         E.evaluate(tmp_path / "nowhere", quick=True)
 
 
+def test_micro_commands_refuse_an_unusable_output_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    """A file in the way of -o is one line and exit 2, before any model is loaded or trained."""
+    import kosmos_g.micro.evaluate as evaluate
+    import kosmos_g.micro.train_all as train_all
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(evaluate, "evaluate", never)
+    monkeypatch.setattr(train_all, "train_all", never)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv in (["micro", "eval", "--quick", "-o", str(blocker / "ev")],
+                 ["micro", "train-all", "--smoke", "-o", str(blocker)],
+                 ["micro", "train-reader", "-o", str(blocker / "r")]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(blocker) in err[0] and "is a file" in err[0], err
+
+
 def test_micro_eval_command_prints_the_table_and_writes_files(smoke_run, tmp_path, capsys):
     code = cli_main(["micro", "eval", "--models", str(smoke_run / "release"), "--quick", "--steps", "1",
                      "-o", str(tmp_path / "ev")])

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
 
 
 def _umask() -> int:
@@ -165,3 +165,36 @@ def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False, fsync: bool
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def prepare_output_dir(folder: str | os.PathLike, *, option: str = "-o") -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it, so a
+    command refuses a folder that cannot take its outputs (a file in the way, no permission, a
+    read-only file system) before any model loads, not after the compute is spent. ``option``
+    names the command-line option in the messages. Returns the folder.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     prepare_output_dir(Path(d) / "out").is_dir()
+        True
+    """
+    from .errors import CLIError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kosmos-g-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError as e:  # mkdir: the folder exists and is not a folder
+        raise NotADirectoryError(f"output folder {folder} is a file; pass {option} a folder.") from e
+    except NotADirectoryError as e:  # mkdir: a folder above it is a file
+        parent = next((p for p in folder.parents if p.exists()), folder.parent)
+        raise NotADirectoryError(f"output folder {folder} cannot be made: {parent} is a file.") from e
+    except PermissionError as e:
+        raise PermissionError(f"output folder {folder} is not writable ({e.strerror}); "
+                              f"pass {option} a folder you can write to.") from e
+    except OSError as e:  # e.g. a read-only file system, a full disk
+        raise CLIError(f"output folder {folder} cannot be written: {e.strerror or e}.") from e
+    return folder

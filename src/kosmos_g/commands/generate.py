@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import micro
-from ..errors import CLIError
-from ..fileio import atomic_dir, atomic_write_bytes
+from ..fileio import atomic_dir, atomic_write_bytes, prepare_output_dir
 from ..generation_config import FILENAME as GENERATION_CONFIG, GenerationConfig
 from ..schedulers import SCHEDULERS, scheduler_name
 
@@ -270,27 +269,6 @@ def _check_files(s: Settings) -> None:
         check_image_file(path)  # unreadable, or above processing.MAX_IMAGE_PIXELS
 
 
-def _check_output_dir(outdir: Path) -> None:
-    """Create the output folder and a probe file in it, so that a folder which cannot take the
-    images (a file in the way, no permission, a read-only file system) is refused before any
-    model loads, not after the compute is spent."""
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".kosmos-g-probe-", dir=outdir)
-        os.close(fd)
-        os.unlink(probe)
-    except FileExistsError as e:  # mkdir: outdir exists and is not a folder
-        raise NotADirectoryError(f"output folder {outdir} is a file; pass -o a folder.") from e
-    except NotADirectoryError as e:  # mkdir: a folder above outdir is a file
-        parent = next((p for p in outdir.parents if p.exists()), outdir.parent)
-        raise NotADirectoryError(f"output folder {outdir} cannot be made: {parent} is a file.") from e
-    except PermissionError as e:
-        raise PermissionError(f"output folder {outdir} is not writable ({e.strerror}); "
-                              "pass -o a folder you can write to.") from e
-    except OSError as e:  # e.g. a read-only file system, a full disk
-        raise CLIError(f"output folder {outdir} cannot be written: {e.strerror or e}.") from e
-
-
 def _check_before_loading(s: Settings, outdir: Path) -> None:
     """Everything that can be refused without a model: prompt, input files and image headers,
     device, model folders and the output folder. So a run that cannot succeed loads nothing."""
@@ -300,7 +278,7 @@ def _check_before_loading(s: Settings, outdir: Path) -> None:
     _check_device(s.device)
     if not s.random_tiny:  # --random-tiny builds its folders, which is already work
         check_pretrained_folders(*resolve_model_dirs(s), s.controlnet)
-    _check_output_dir(outdir)
+    prepare_output_dir(outdir)
 
 
 # ----------------------------------------------------------------------------- models

@@ -83,6 +83,7 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def run_train_all(args: argparse.Namespace) -> int:
+    from ..fileio import prepare_output_dir
     from ..micro.train_all import SHIPPED, SMOKE, train_all, with_clip_bind_weight
 
     _positive("--threads", args.threads)
@@ -92,6 +93,7 @@ def run_train_all(args: argparse.Namespace) -> int:
             raise ValueError(f"--clip-bind-weight {args.clip_bind_weight} must be >= 0 (0: off; the shipped "
                              f"recipe: {SHIPPED.clip.bind_weight})")
         recipe = with_clip_bind_weight(recipe, args.clip_bind_weight)
+    prepare_output_dir(args.output_dir)
     record = train_all(args.output_dir, recipe, progress=not args.no_progress, threads=args.threads,
                        unet_precision=args.unet_precision, standins=args.standins)
     print(json.dumps({"output_dir": str(Path(args.output_dir)), "seconds": record["seconds"],
@@ -102,11 +104,13 @@ def run_train_all(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from ..fileio import prepare_output_dir
     from ..micro.evaluate import evaluate, format_table
 
     _positive("--threads", args.threads)
     _positive("--samples", args.samples)
     _positive("--steps", args.steps)
+    prepare_output_dir(args.output_dir)  # before the minutes of generation, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     result = evaluate(args.models, out_dir=args.output_dir, quick=args.quick, reader=args.reader,
@@ -120,12 +124,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_train_reader(args: argparse.Namespace) -> int:
     import torch
 
+    from ..fileio import prepare_output_dir
     from ..micro.reader import train_reader
 
     _positive("--threads", args.threads)
-    if Path(args.output_dir).exists():
-        raise ValueError(f"--output-dir {args.output_dir} already exists; choose a new folder (a reader is never "
+    out = Path(args.output_dir)
+    if out.exists():
+        raise ValueError(f"--output-dir {out} already exists; choose a new folder (a reader is never "
                          "written over another).")
+    prepare_output_dir(out.parent)
     torch.set_num_threads(args.threads)
     record = train_reader(args.output_dir, steps=args.steps, seed=args.seed, progress=not args.no_progress)
     print(json.dumps({"output_dir": str(Path(args.output_dir)), "seconds": round(record["seconds"], 1),
