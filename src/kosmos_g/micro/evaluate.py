@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from ..eval.metrics import cosine, markdown_table
 from ..fileio import atomic_file, atomic_write_text
 from . import CHECKPOINTS, world
 from .clip import images_to_clip_pixels
@@ -200,7 +201,8 @@ def score_scene(case: Case, seen: Scene) -> dict[str, float]:
 
 
 class ClipScorer:
-    """The micro analogues of CLIP-I, CLIP-T and DINO, on micro-CLIP."""
+    """The micro analogues of CLIP-I, CLIP-T and DINO, on micro-CLIP (cosines by :func:`kosmos_g.eval.metrics.cosine`,
+    as the real protocols' scores; reported as plain cosines, not the protocols' clamped 100 x cosine)."""
 
     def __init__(self, clip_dir: str | os.PathLike) -> None:
         from transformers import CLIPModel, CLIPTokenizer
@@ -217,20 +219,18 @@ class ClipScorer:
         out = self.model.vision_model(pixel_values=images_to_clip_pixels(images))
         emb = self.model.visual_projection(out.pooler_output)
         patches = out.last_hidden_state[:, 1:].mean(1)
-        return torch.nn.functional.normalize(emb, dim=-1), torch.nn.functional.normalize(patches, dim=-1)
+        return emb, patches
 
     @torch.no_grad()
     def _text(self, texts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt").input_ids
-        emb = self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
-        return torch.nn.functional.normalize(emb, dim=-1)
+        return self.model.text_projection(self.model.text_model(input_ids=ids).pooler_output)
 
     def scores(self, images: np.ndarray, references: np.ndarray, captions: Sequence[str]) -> dict[str, np.ndarray]:
         gi, gp = self._image(images)
         ri, rp = self._image(references)
         t = self._text(captions)
-        return {"clip_i": (gi * ri).sum(-1).numpy(), "clip_t": (gi * t).sum(-1).numpy(),
-                "dino": (gp * rp).sum(-1).numpy()}
+        return {"clip_i": cosine(gi, ri).numpy(), "clip_t": cosine(gi, t).numpy(), "dino": cosine(gp, rp).numpy()}
 
 
 # ============================================================================ generators
@@ -438,26 +438,25 @@ def edits_by_kind(cases: Sequence[Case], scores: Sequence[dict[str, float]]) -> 
 
 def format_edits(result: dict[str, Any]) -> str:
     """Per model with edits, followed / n by kind, and why the others failed."""
-    lines = ["| edits followed | " + " | ".join(world.EDIT_KINDS) + " |", "|" + "---|" * (len(world.EDIT_KINDS) + 1)]
+    rows = []
     for name, row in result["rows"].items():
         kinds = row.get("edit_by_kind")
         if not kinds:
             continue
         cells = [f"{round(k['edit'] * k['n'])}/{k['n']}" if (k := kinds.get(kind)) else "-"
                  for kind in world.EDIT_KINDS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        rows.append([name, *cells])
         for part, title in (("edit_background", "background right"), ("edit_new", "new object there"),
                             ("edit_gone", "old object gone"), ("edit_kept", "others kept")):
             cells = [f"{round(k[part] * k['n'])}/{k['n']}" if (k := kinds.get(kind)) else "-"
                      for kind in world.EDIT_KINDS]
-            lines.append(f"| &nbsp; {title} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+            rows.append([f"&nbsp; {title}", *cells])
+    return markdown_table(["edits followed", *world.EDIT_KINDS], rows) if rows else ""
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a Markdown table (accuracies in %, similarities as cosines)."""
-    head = "| model | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    rows = []
     for name, row in result["rows"].items():
         cells = []
         for key, _ in COLUMNS:
@@ -469,9 +468,9 @@ def format_table(result: dict[str, Any]) -> str:
                 cells.append(f"{row[key]:.2f}")
             else:
                 cells.append(f"{100 * row[key]:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| chance | " + " | ".join(f"{100 * CHANCE[key]:.1f}" if key in CHANCE else "-"
-                                           for key, _ in COLUMNS) + " |")
+        rows.append([name, *cells])
+    rows.append(["chance", *(f"{100 * CHANCE[key]:.1f}" if key in CHANCE else "-" for key, _ in COLUMNS)])
+    lines = markdown_table(["model", *(title for _, title in COLUMNS)], rows).split("\n")
     s = result["settings"]
     lines.append("")
     lines.append(f"{s['cases']['single']} single-subject prompts x {s['samples']}, {s['cases']['two']} two-subject "
