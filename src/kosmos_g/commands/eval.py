@@ -119,6 +119,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--baseline sd runs the SD pipeline alone; drop --model.")
         if not args.sd:
             raise ValueError("--baseline sd needs --sd DIR (with its text_encoder/ and tokenizer/).")
+        for sub in ("unet", "scheduler", "text_encoder", "tokenizer"):
+            if not (Path(args.sd) / sub).is_dir():
+                raise FileNotFoundError(f"--baseline sd runs the SD folder's own text encoder: {Path(args.sd) / sub} "
+                                        "not found.")
     elif not args.model:
         raise ValueError("give --model DIR (a Kosmos-G folder), or --baseline sd.")
     device = _default_device()

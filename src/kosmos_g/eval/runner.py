@@ -179,8 +179,9 @@ def generate_items(items: Sequence[Item], out_dir: Path, make_generator: Callabl
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
     state = process_state()
-    mine = my_share(items, state.process_index, state.num_processes)
-    pending = [it for it in mine if not _done(it, out_dir, settings, overwrite)]
+    # Every process checks every image, so that all refuse the same conflict (none is left waiting).
+    done = {it.key for it in items if _done(it, out_dir, settings, overwrite)}
+    pending = [it for it in my_share(items, state.process_index, state.num_processes) if it.key not in done]
     made = 0
     if pending:
         generator = make_generator()
