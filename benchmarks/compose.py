@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The end-to-end run drops most images before the mask step (random models rarely name a caption
         # word); the sum of the steps, each on a full load, is the conservative rate for real models.
         rate = result["sum_of_steps_images_per_s"]
-        result["days_for_9M_images_at_sum_of_steps_rate"] = round(IMAGES_9M / rate / 86400, 2)
+        result["device_days_for_9M_images_at_sum_of_steps_rate"] = round(IMAGES_9M / rate / 86400, 2)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     name = f"compose-{args.preset}-{args.device.split(':')[0]}.json"
