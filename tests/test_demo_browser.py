@@ -93,9 +93,13 @@ def page(chromium, demo_url):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
             page.set_default_timeout(30_000)
+            elsewhere: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith((demo_url, "data:", "blob:"))
+                    else elsewhere.append(r.url))
             page.goto(demo_url)
             page.wait_for_selector("#generate")
             yield page
+            assert not elsewhere, f"the page asked other hosts: {elsewhere[:5]}"
         finally:
             browser.close()
 
