@@ -145,3 +145,21 @@ def test_captions_from_a_jsonl_list_and_cli(tmp_path, capsys):
     assert len(err) == 1 and "bad.jsonl:1" in err[0]
     assert main(["data", "instructpix2pix", str(tmp_path / "missing"), "-o", str(tmp_path / "o4"), "-q"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_inspect_reads_every_kind_and_reports_damage(tmp_path):
+    from kosmos_g.data.inspect import inspect_shards
+    from kosmos_g.train.testing import KIND_DIRS, make_tiny_shards
+
+    dirs = make_tiny_shards(tmp_path / "shards", n=3, per_shard=3)
+    paths = [str(p) for kind in KIND_DIRS for p in sorted(dirs[kind].glob("*.tar"))]
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(Path(paths[1]).read_bytes()[:3000])
+    report = inspect_shards(paths + [str(damaged)], sheet=tmp_path / "all.png", rows=20)
+    assert report["kinds"]["compositional"] == 3 and report["kinds"]["edit"] == 3 and report["kinds"]["text"] == 3
+    assert report["kinds"]["caption"] >= 3 and report["entities"] == {"2": 3}
+    assert len(report["damaged_shards"]) == 1 and "damaged.tar" in report["damaged_shards"][0]
+    with Image.open(tmp_path / "all.png") as im:
+        assert im.width >= 5 * 96 and im.height > 10 * 96  # 2 entities: target + 4 crops per row
+    with pytest.raises(ValueError, match="rows"):
+        inspect_shards(paths, rows=0)
