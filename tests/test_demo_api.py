@@ -204,7 +204,14 @@ def test_queue_is_bounded_and_every_waiting_request_is_answered(server, engine):
     assert len({r[1][0]["orig_name"] for r in results}) == 3  # three different images
 
 
-def test_progress_is_live_and_cancel_stops_the_loop_within_one_step(server, engine):
+def test_progress_is_live_and_cancel_stops_the_loop_within_one_step(server, engine, monkeypatch):
+    forward = engine.pipe.unet.forward
+
+    def slow_forward(*args, **kwargs):  # at least 20 ms a step, so 100 steps outlast the cancel anywhere
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.pipe.unet, "forward", slow_forward)
     client = Client(server, verbose=False, download_files=False)
     job = client.submit("a slow cat", steps=100, num_images=1, randomize_seed=False, seed=1, api_name="/generate")
     wait_for(lambda: any(u.index and u.index >= 3 for u in (job.status().progress_data or [])),

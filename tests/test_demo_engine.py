@@ -113,3 +113,13 @@ def test_the_command_line_parses_and_reports_bad_auth():
     assert parse_auth(args.auth) == ("ann", "pa:ss")
     with pytest.raises(ValueError, match="USER:PASS"):
         parse_auth("ann")
+
+
+def test_controlnet_with_a_pixel_space_sd_folder_is_refused_at_start(tmp_path):
+    from kosmos_g.micro import CHECKPOINTS
+
+    (tmp_path / "canny").mkdir()
+    (tmp_path / "canny" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="works in pixel space .* drop --controlnet"):
+        Engine.load(CHECKPOINTS / "kosmos-g", CHECKPOINTS / "sd", controlnet_dirs=[tmp_path / "canny"], device="cpu",
+                    output_dir=tmp_path / "out")
