@@ -198,6 +198,29 @@ def test_two_processes_give_the_scores_of_one(world, tmp_path):
         assert b["per_subject"][subject] == pytest.approx(scores, abs=1e-4)
 
 
+def test_two_processes_give_the_fid_of_one(world, tmp_path):
+    """The Inception statistics (reference and generated) are split over the processes and summed."""
+    def args(out):
+        return ["eval", "coco-fid", "--captions", str(world["captions"]), "--coco-images", str(world["coco_images"]),
+                "--inception", str(world["inception"]), "--clip", str(world["clip"]), "--model", str(world["kosmos"]),
+                "--sd", str(world["sd"]), "--steps", "2", "--limit", "4", "--batch-size", "1", "-q", "-o", str(out)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"), "KOSMOS_G_DEBUG": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "kosmos_g.cli", *args(two)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode and any(m in done.stderr for m in ("address already in use", "EADDRINUSE", "rendezvous")):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert b["settings"]["processes"] == 2 and b["settings"]["reference_images"] == 4
+    assert b["scores"]["fid"] == pytest.approx(a["scores"]["fid"], rel=1e-4)
+    assert b["scores"]["clip_t"] == pytest.approx(a["scores"]["clip_t"], abs=1e-4)
+
+
 def test_the_docs_python_example_runs(world, tmp_path, monkeypatch, calls):
     """docs/evaluation.md's Python block, on the tiny folders, on the CPU and with 2 steps."""
     import re
