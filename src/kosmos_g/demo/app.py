@@ -193,7 +193,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                status = gr.Markdown("", elem_id="status")
+                status = gr.Markdown("", elem_id="status", label="status")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Output", elem_id="gallery", format="png", columns=2, height=420,
                                      object_fit="contain", interactive=False, buttons=["download", "fullscreen"])

@@ -471,9 +471,9 @@ class Engine:
             r.seed = secrets.randbelow(2**31 - lim.max_images)
         elif randomize_seed not in (False, None):
             raise DemoError("Randomize seed must be true or false.")
+        name = d["scheduler"] if scheduler is None else scheduler
         try:
-            r.scheduler = scheduler_name(d["scheduler"] if scheduler is None else scheduler) \
-                if isinstance(scheduler, (str, type(None))) else ""
+            r.scheduler = scheduler_name(name) if isinstance(name, str) else ""
         except ValueError:
             r.scheduler = ""
         if not r.scheduler:
