@@ -185,3 +185,19 @@ def test_the_eval_extra_does_not_pull_torch_fidelity_or_torchvision():
     extra = pyproject["project"]["optional-dependencies"]["eval"]
     assert any(r.startswith("torchmetrics") for r in extra)
     assert not any("[image]" in r or "fidelity" in r or "torchvision" in r for r in extra)
+
+
+@pytest.mark.skipif(not (os.environ.get("KOSMOS_G_DINO") and os.environ.get("KOSMOS_G_CLIP")),
+                    reason="set KOSMOS_G_DINO and KOSMOS_G_CLIP to local dino-vits16 / clip-vit-base-patch32 folders")
+def test_real_dino_and_clip_folders_load_and_score_identical_images_100():
+    dino, clip = DinoScorer(os.environ["KOSMOS_G_DINO"]), ClipScorer(os.environ["KOSMOS_G_CLIP"])
+    images = [random_image(k, (300, 260)) for k in range(2)]
+    assert dino.features(images).shape == (2, 384) and clip.image_features(images).shape == (2, 512)
+    assert protocol_mean(cosine(dino.features(images), dino.features(images)).tolist()) == pytest.approx(100, abs=1e-3)
+
+
+def test_micro_dreambench_uses_the_same_cosine_and_tables():
+    from kosmos_g.eval import metrics
+    from kosmos_g.micro import evaluate
+
+    assert evaluate.cosine is metrics.cosine and evaluate.markdown_table is metrics.markdown_table
