@@ -169,3 +169,44 @@ def test_entity_crops_whiten_outside_the_mask():
     with pytest.raises(ValueError, match="sizes differ"):
         entity_crops(img, mask[:10])
     assert center_square(30, 20) == (5, 0, 25, 20)
+
+
+def _bfs_labels(m: np.ndarray) -> tuple[np.ndarray, int]:
+    """Reference 4-connected labelling, pixel by pixel, numbered in row-major order of first pixels."""
+    from collections import deque
+
+    h, w = m.shape
+    lab, n = np.zeros((h, w), int), 0
+    for y in range(h):
+        for x in range(w):
+            if m[y, x] and not lab[y, x]:
+                n += 1
+                lab[y, x] = n
+                queue = deque([(y, x)])
+                while queue:
+                    a, b = queue.popleft()
+                    for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                        if 0 <= c < h and 0 <= d < w and m[c, d] and not lab[c, d]:
+                            lab[c, d] = n
+                            queue.append((c, d))
+    return lab, n
+
+
+def test_labels_equal_a_pixel_by_pixel_reference_property():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        m = rng.random(tuple(rng.integers(1, 25, 2))) > rng.random()
+        labels, n = label_components(m)
+        ref, n_ref = _bfs_labels(m)
+        assert n == n_ref and np.array_equal(labels, ref)
+
+
+def test_dilate_equals_a_window_maximum_property():
+    rng = np.random.default_rng(2)
+    for size in (1, 2, 3, 4, 5, 6):
+        for _ in range(10):
+            m = rng.random(tuple(rng.integers(1, 20, 2))) > 0.85
+            lo = size - 1 - size // 2
+            ref = np.array([[m[max(0, y - lo):y - lo + size, max(0, x - lo):x - lo + size].any()
+                             for x in range(m.shape[1])] for y in range(m.shape[0])])
+            assert np.array_equal(dilate(m, size), ref)

@@ -46,25 +46,35 @@ def dilate(mask: np.ndarray, size: int) -> np.ndarray:
     m = np.asarray(mask, bool)
     if size == 1:
         return m.copy()
-    lo, hi = size - 1 - size // 2, size // 2
+    lo = size - 1 - size // 2  # the window reaches lo pixels back and size - 1 - lo forward
     out = m
-    for axis in (0, 1):
+    for axis in (0, 1):  # separable: a square window is a row window then a column window
         pad = [(0, 0), (0, 0)]
-        pad[axis] = (lo, hi)
+        pad[axis] = (lo, size - 1 - lo)
         padded = np.pad(out, pad, constant_values=False)
-        windows = np.lib.stride_tricks.sliding_window_view(padded, size, axis=axis)
-        out = windows.any(axis=-1)
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for d in range(size):  # OR of shifted copies: size cheap passes instead of a window view
+            acc |= padded[d:d + n] if axis == 0 else padded[:, d:d + n]
+        out = acc
     return out
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components (``scipy.ndimage.label``'s default): (labels, count), 0 = background.
 
-    Works on runs of each row, so the Python loop is over runs, not pixels.
+    The runs of every row are found at once with numpy; a union-find over runs (not pixels)
+    joins runs that overlap in consecutive rows. Labels are numbered in row-major order of
+    each component's first pixel.
     """
     m = np.asarray(mask, bool)
     h, w = m.shape
-    parent: list[int] = [0]
+    padded = np.zeros((h, w + 2), bool)
+    padded[:, 1:-1] = m
+    rows, cols = np.nonzero(padded[:, 1:] != padded[:, :-1])  # run edges, row-major: start, end, start, ...
+    r_row, r_start, r_end = rows[::2], cols[::2], cols[1::2]  # run k covers r_start[k]..r_end[k]-1 in r_row[k]
+    n = len(r_row)
+    parent = list(range(n))
 
     def find(a: int) -> int:
         while parent[a] != a:
@@ -72,39 +82,27 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
             a = parent[a]
         return a
 
-    runs_per_row: list[list[tuple[int, int, int]]] = []
-    prev: list[tuple[int, int, int]] = []
-    for y in range(h):
-        row = np.concatenate(([False], m[y], [False]))
-        edges = np.flatnonzero(row[1:] != row[:-1])
-        runs = []
-        j = 0
-        for x0, x1 in zip(edges[::2], edges[1::2]):  # run covers x0..x1-1
-            label = 0
-            while j < len(prev) and prev[j][1] <= x0:
+    row_first = np.searchsorted(r_row, np.arange(h + 1))  # runs of row y: row_first[y]..row_first[y+1]-1
+    starts, ends, firsts = r_start.tolist(), r_end.tolist(), row_first.tolist()
+    for y in range(1, h):
+        j, j_end = firsts[y - 1], firsts[y]
+        for k in range(firsts[y], firsts[y + 1]):
+            while j < j_end and ends[j] <= starts[k]:  # runs above that end before this one starts
                 j += 1
-            k = j
-            while k < len(prev) and prev[k][0] < x1:
-                other = find(prev[k][2])
-                if label == 0:
-                    label = other
-                elif other != label:
-                    parent[max(other, label)] = min(other, label)
-                    label = min(other, label)
-                k += 1
-            if label == 0:
-                label = len(parent)
-                parent.append(label)
-            runs.append((int(x0), int(x1), label))
-        runs_per_row.append(runs)
-        prev = runs
-    roots = {}
-    labels = np.zeros((h, w), np.int32)
-    for y, runs in enumerate(runs_per_row):
-        for x0, x1, label in runs:
-            root = find(label)
-            labels[y, x0:x1] = roots.setdefault(root, len(roots) + 1)
-    return labels, len(roots)
+            i = j
+            while i < j_end and starts[i] < ends[k]:  # every run above that overlaps this one
+                a, b = find(i), find(k)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+                i += 1
+    roots = np.array([find(k) for k in range(n)], dtype=np.int64)
+    uniq, run_label = np.unique(roots, return_inverse=True)  # roots are first runs: row-major order
+    labels = np.zeros(h * w, np.int32)
+    lengths = r_end - r_start
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # 0.. per run
+    flat = np.repeat(r_row * w + r_start, lengths) + within
+    labels[flat] = np.repeat(run_label.astype(np.int32) + 1, lengths)
+    return labels.reshape(h, w), len(uniq)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
