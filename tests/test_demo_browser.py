@@ -9,6 +9,7 @@ artefact (in the test's tmp folder, and copied into ``$KOSMOS_G_TEST_ARTEFACTS``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,15 +52,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def demo_url(tmp_path_factory):
-    """``kosmos-g demo`` on the embedded micro model, on a free loopback port; stopped afterwards."""
+def serve(out: Path, *options: str):
+    """``kosmos-g demo OPTIONS`` on a free loopback port, until the generator is closed."""
     port = free_port()
-    out = tmp_path_factory.mktemp("demo-out")
-    log = open(out.parent / "demo-server.log", "w")
+    log = open(out.parent / f"{out.name}-server.log", "w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kosmos_g.cli", "demo", "--port", str(port), "--output-dir",
-                             str(out)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             str(out), *options], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
@@ -84,8 +83,27 @@ def demo_url(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture()
-def page(chromium, demo_url):
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    """The embedded micro model."""
+    yield from serve(tmp_path_factory.mktemp("demo-out"))
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_url(tmp_path_factory, tiny_kosmos_dir, tiny_sd_dir):
+    """Tiny random models with a ControlNet and a LoRA given on the command line."""
+    from kosmos_g.testing import make_tiny_controlnet, make_tiny_lora
+
+    extra = tmp_path_factory.mktemp("tiny-extras")
+    cn = make_tiny_controlnet(extra / "canny", tiny_sd_dir)
+    lora = make_tiny_lora(extra / "style.safetensors", tiny_sd_dir)
+    yield from serve(tmp_path_factory.mktemp("tiny-out"), "--model", str(tiny_kosmos_dir), "--sd", str(tiny_sd_dir),
+                     "--controlnet", str(cn), "--lora", str(lora))
+
+
+@contextlib.contextmanager
+def open_page(chromium: str, url: str):
+    """A headless Chromium page on ``url``, which must ask no other host; closed afterwards."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -94,14 +112,20 @@ def page(chromium, demo_url):
             page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
             page.set_default_timeout(30_000)
             elsewhere: list[str] = []
-            page.on("request", lambda r: None if r.url.startswith((demo_url, "data:", "blob:"))
+            page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:"))
                     else elsewhere.append(r.url))
-            page.goto(demo_url)
+            page.goto(url)
             page.wait_for_selector("#generate")
             yield page
             assert not elsewhere, f"the page asked other hosts: {elsewhere[:5]}"
         finally:
             browser.close()
+
+
+@pytest.fixture()
+def page(chromium, demo_url):
+    with open_page(chromium, demo_url) as page:
+        yield page
 
 
 def test_compose_two_images_generate_and_download_a_sidecar(page, tmp_path):
@@ -175,3 +199,32 @@ def test_the_cancel_button_stops_a_run_and_progress_is_shown(page):
     expect(page.locator("#status")).to_have_text("Cancelled.")
     page.wait_for_timeout(500)
     expect(page.locator("#gallery img")).to_have_count(0)
+
+
+def test_controlnet_and_lora_panels_with_canny_edges_made_on_the_page(chromium, tiny_demo_url):
+    from playwright.sync_api import expect
+
+    from helpers import DOG
+
+    with open_page(chromium, tiny_demo_url) as page:
+        page.locator("#prompt textarea").fill("a <i> on grass")
+        page.locator("#slot-1 input[type=file]").set_input_files(DOG)
+        page.wait_for_selector("#slot-1 img")
+        page.get_by_text("ControlNet", exact=True).first.click()  # open the panel
+        page.locator("#canny-photo input[type=file]").set_input_files(DOG)
+        page.wait_for_selector("#canny-photo img")
+        page.locator("#make-canny").click()
+        expect(page.locator("#control-image img")).to_have_count(1)
+        page.locator("#controlnet input").click()
+        page.get_by_role("option", name="canny").click()
+        page.get_by_text("LoRA", exact=True).first.click()
+        page.locator("#lora input").click()
+        page.get_by_role("option", name="style").click()
+        page.locator("#steps input[type=number]").fill("4")  # the tiny model's folder asks for 50
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)
+        with page.expect_download() as download:
+            page.locator('#downloads a[download$=".json"]').first.click()
+        settings = json.loads(Path(download.value.path()).read_text())["settings"]
+        assert (settings["controlnet"], settings["lora"], settings["steps"]) == ("canny", "style", 4)
