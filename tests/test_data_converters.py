@@ -163,3 +163,23 @@ def test_inspect_reads_every_kind_and_reports_damage(tmp_path):
         assert im.width >= 5 * 96 and im.height > 10 * 96  # 2 entities: target + 4 crops per row
     with pytest.raises(ValueError, match="rows"):
         inspect_shards(paths, rows=0)
+
+
+def test_captions_from_img2dataset_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="parquet input needs pyarrow (the 'data' extra)")
+    import io
+
+    import pyarrow.parquet as pq
+
+    def jpg(value: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), value, np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    table = pa.table({"key": ["000", "001", "002"], "caption": ["a red bus", None, "a green tree"],
+                      "jpg": [jpg(10), jpg(20), b"broken"]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    m = convert_captions(tmp_path / "00000.parquet", tmp_path / "out", progress=False)
+    assert m["samples"] == 1 and m["failures"] == {"empty_caption": 1, "unreadable_image": 1}
+    sample = next(iter_shards(expand_shards(tmp_path / "out")))
+    assert validate_sample(sample)["caption"] == "a red bus" and sample["jpg"] == jpg(10)
