@@ -183,3 +183,15 @@ def test_captions_from_img2dataset_parquet(tmp_path):
     assert m["samples"] == 1 and m["failures"] == {"empty_caption": 1, "unreadable_image": 1}
     sample = next(iter_shards(expand_shards(tmp_path / "out")))
     assert validate_sample(sample)["caption"] == "a red bus" and sample["jpg"] == jpg(10)
+
+
+def test_an_image_over_the_pixel_limit_is_a_logged_failure(tmp_path):
+    from helpers import forged_png
+
+    _jpg(tmp_path / "ok.jpg", 24, 24, 90)
+    forged_png(tmp_path / "huge.png", 8000, 6000)  # 48 MP: under PIL's own bomb limit
+    rows = [{"image": "ok.jpg", "caption": "fine"}, {"image": "huge.png", "caption": "too big"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    m = convert_captions(tmp_path / "pairs.jsonl", tmp_path / "out", progress=False)
+    assert m["samples"] == 1 and m["failures"] == {"unreadable_image": 1}
+    assert "8000x6000 is over" in read_failures(tmp_path / "out")[0]["detail"]

@@ -394,13 +394,16 @@ def read_failures(out_dir: str | os.PathLike) -> list[dict]:
 
 
 def decode_bytes(data: bytes):
-    """Bytes -> an RGB PIL image (EXIF-rotated, alpha over white); ``ValueError`` when they do not decode."""
+    """Bytes -> an RGB PIL image (EXIF-rotated, alpha over white); ``ValueError`` when they do not decode
+    or their header claims more than :data:`kosmos_g.processing.MAX_IMAGE_PIXELS` pixels."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..processing import to_rgb
+    from ..processing import MAX_IMAGE_PIXELS, to_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # from the header: refused before decoding
+                raise ValueError(f"{im.width}x{im.height} is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
             im.load()
             return to_rgb(im.copy() if im.mode != "P" else im.convert("RGBA"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
