@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -31,9 +32,8 @@ MICRO_PROMPTS = (  # prompts of the kind micro DreamBench asks, on the shipped e
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..demo.engine import Limits
+    from ..demo.limits import Limits as lim  # its defaults (an instance would import torch to check them)
 
-    lim = Limits()
     p = subparsers.add_parser(
         "demo", help="serve the web demo (needs the 'demo' extra: pip install 'kosmos-g[demo]')",
         description="Serve a web page to compose interleaved prompts and generate images. The models "
@@ -76,12 +76,11 @@ def parse_auth(spec: str | None) -> tuple[str, str] | None:
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise ValueError("the web demo needs gradio: pip install 'kosmos-g[demo]' (or -e '.[demo]').") from None
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError("the web demo needs gradio: pip install 'kosmos-g[demo]' (or -e '.[demo]').")
     from ..demo.app import launch
-    from ..demo.engine import Engine, Limits
+    from ..demo.engine import Engine
+    from ..demo.limits import Limits
 
     auth = parse_auth(args.auth)
     if not 0 <= args.port < 65536:

@@ -19,15 +19,16 @@ Example:
 
 from __future__ import annotations
 
-from .engine import DemoError, Engine, Limits, canny_edges
-
-# build_app is resolved on first use (it imports gradio), so it is not in __all__.
+# Names resolve on first use, so that `kosmos_g.demo.limits` (read by `kosmos-g --help`) imports
+# neither torch nor gradio; build_app imports gradio, so it is not in __all__.
 __all__ = ["DemoError", "Engine", "Limits", "canny_edges"]
+_HOMES = {"DemoError": ".engine", "Engine": ".engine", "canny_edges": ".engine", "Limits": ".limits",
+          "build_app": ".app"}
 
 
 def __getattr__(name: str):
-    if name == "build_app":  # imports gradio
-        from .app import build_app
+    if name in _HOMES:
+        import importlib
 
-        return build_app
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
