@@ -82,6 +82,9 @@ def test_generates_two_images_with_png_and_json_sidecar(client, engine):
     assert s["prompt"] == "<i> wearing <i>" and s["steps"] == 2 and len(s["image_sha256"]) == 2
     assert s["scheduler"] == engine.defaults["scheduler"] and s["controlnet"] is None and s["lora"] is None
     assert str(engine.output_dir) not in json.dumps(sidecar)  # no server path in what is downloaded
+    with httpx.Client() as http:  # the page gets copies in gradio's cache; the outputs are not served by path
+        assert http.get(f"{client.src}gradio_api/file={engine.output_dir / names[0]}").status_code == 403
+        assert http.get(f"{client.src}gradio_api/file={files[0]['path']}").status_code == 200
 
 
 @pytest.mark.parametrize("prompt, images, message", [
@@ -271,3 +274,25 @@ def test_concurrent_requests_run_one_at_a_time(server, engine):
     finally:
         engine._sample = original
     assert peak[0] == 1
+
+
+def test_outputs_kept_outside_the_temp_folder_reach_the_page_as_copies(engine):
+    import shutil
+    import tempfile
+
+    root = Path("/var/tmp")
+    if not root.is_dir() or root.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        pytest.skip("needs a folder outside the temp folder and the working folder")
+    kept = Path(tempfile.mkdtemp(prefix="kosmos-g-demo-test-", dir=root))
+    other = Engine(engine.pipe, output_dir=kept, loras=engine.lora_names, limits=LIMITS)
+    demo = launch(other, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=False)
+        gallery, files, *_ = client.predict("a cat", **FAST, api_name="/generate")
+        assert sorted(f["orig_name"] for f in files) == [p.name for p in sorted(kept.iterdir())]
+        with httpx.Client() as http:
+            assert http.get(f"{demo.local_url}gradio_api/file={kept / files[0]['orig_name']}").status_code == 403
+            assert http.get(f"{demo.local_url}gradio_api/file={files[0]['path']}").status_code == 200
+    finally:
+        demo.close()
+        shutil.rmtree(kept)

@@ -22,6 +22,8 @@ import html
 import inspect
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -117,6 +119,26 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
     size_lo, size_hi = engine.size_range
     thumbs: dict = {}
     skip = gr.skip
+
+    tmp, cwd = Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()
+    out = engine.output_dir.resolve()
+    hand_out_dir: list[Path] = []
+
+    def handed_out(paths: Sequence[Path]) -> list[str]:
+        """Paths gradio may copy into its cache for the page: it copies from the temp and working
+        folders, or from launch's allowed_paths, which would also serve every output to anyone
+        who guesses a name. So outputs kept elsewhere are copied to a private temp folder first."""
+        if out.is_relative_to(tmp) or out.is_relative_to(cwd):
+            return [str(p) for p in paths]
+        if not hand_out_dir:
+            hand_out_dir.append(Path(tempfile.mkdtemp(prefix="kosmos-g-demo-page-")))
+        copies = []
+        for p in paths:
+            copy = hand_out_dir[0] / Path(p).relative_to(out)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, copy)
+            copies.append(str(copy))
+        return copies
 
     def page_error(message: str):
         # The page renders an error's message as HTML: escaped, a prompt's <i> shows as typed.
@@ -281,11 +303,12 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
                 job.cancel()  # a no-op when the job is done; stops the sampling loop when this is closed
             if job.error is not None:
                 raise page_error(str(job.error))
-            pngs = [str(p) for p in job.images]
+            files = handed_out(job.files)
+            pngs = files[0::2]
             captions = [(p, f"seed {request.seed + k}") for k, p in enumerate(pngs)]
             text = (f"{len(pngs)} image{'s' if len(pngs) > 1 else ''} in {job.seconds:.1f} s, seed {request.seed}"
                     f"{'' if len(pngs) == 1 else f' to {request.seed + len(pngs) - 1}'}.")
-            yield captions, [str(p) for p in job.files], text, request.seed, pngs
+            yield captions, files, text, request.seed, pngs
 
         # Named parameters for API clients (gradio reads them from the signature), each optional.
         generate.__signature__ = inspect.Signature(
@@ -348,7 +371,7 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
             path = engine.output_dir / "control" / f"canny-{os.urandom(6).hex()}.png"
             path.parent.mkdir(exist_ok=True)
             canny_edges(image, float(low), float(high)).save(path)
-            return str(path)
+            return handed_out([path])[0]
 
         make_canny.click(on_canny, [photo, canny_low, canny_high], control_image, preprocess=False,
                          api_name="canny", concurrency_limit=2)
@@ -368,7 +391,9 @@ def launch(engine: Engine, *, host: str = "127.0.0.1", port: int | None = 7860,
     """
     demo = build_app(engine, examples=examples)
     demo.queue(max_size=engine.limits.queue_size, default_concurrency_limit=1, api_open=True)
-    served = [str(engine.output_dir)] + [str(Path(f).resolve().parent) for _, files in examples for f in files]
+    # Only the example files are served from where they lie; outputs reach the page through
+    # gradio's cache (see handed_out in build_app), never by their path.
+    served = [str(Path(f).resolve()) for _, files in examples for f in files]
     demo.launch(server_name=host, server_port=port, auth=auth, max_file_size=engine.limits.max_upload_bytes,
                 allowed_paths=sorted(set(served) | {str(p) for p in allowed_paths}), show_error=False,
                 share=False, ssr_mode=False, prevent_thread_lock=prevent_thread_lock, quiet=quiet, css=CSS,
