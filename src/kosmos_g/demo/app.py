@@ -144,7 +144,9 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
         # The page renders an error's message as HTML: escaped, a prompt's <i> shows as typed.
         return gr.Error(html.escape(message), print_exception=False)
 
-    with gr.Blocks(title=title) as demo:
+    # Uploads and the copies the page shows are dropped from gradio's cache after a day, checked
+    # hourly, so a server left running does not fill its disk (the output folder is kept).
+    with gr.Blocks(title=title, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {title}\n" + PAGE_INTRO.format(ph=PLACEHOLDER) + f"  \nModel: `{engine.model_name}`.")
         with gr.Row():
             with gr.Column(scale=3):
