@@ -196,7 +196,7 @@ def test_the_cancel_button_stops_a_run_and_progress_is_shown(page):
     page.locator("#generate").click()
     expect(page.locator("#status")).to_contain_text("Sampling: step", timeout=30_000)
     page.locator("#cancel").click()
-    expect(page.locator("#status")).to_have_text("Cancelled.")
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=15_000)
     page.wait_for_timeout(500)
     expect(page.locator("#gallery img")).to_have_count(0)
 

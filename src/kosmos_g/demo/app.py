@@ -334,7 +334,10 @@ def build_app(engine: Engine, *, examples: Sequence[Example] = (), title: str = 
             events.append(ex.load_input_event.then(generate, gen_inputs, gen_outputs, api_visibility="private",
                                                    **gen_options))
 
-        cancel.click(lambda: "Cancelled.", None, status, cancels=events, queue=False, api_visibility="private")
+        # The status is set only once the cancellation is done: set in the same event, a progress
+        # update already on its way from the cancelled run could land after it and overwrite it.
+        cancel.click(None, None, None, cancels=events, queue=False, api_visibility="private").then(
+            lambda: "Cancelled.", None, status, queue=False, api_visibility="private")
 
         def on_select(evt):
             return evt.index
