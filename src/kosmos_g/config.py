@@ -134,6 +134,9 @@ class MLLMConfig:
     gradient_checkpointing: bool = False
     hf_config: dict[str, Any] | None = None
     """For ``backbone="hf"``: the transformers config dict of the causal LM."""
+    init_from: str | None = None
+    """For an MLLM started from a pretrained causal LM: the folder its weights and tokenizer
+    came from. A record only: loading a saved Kosmos-G folder never reads it."""
 
     def __post_init__(self) -> None:
         if self.backbone not in ("magneto", "hf"):

@@ -134,22 +134,47 @@ class FairseqTokenizer:
 
 
 class HFTokenizer:
-    """Any transformers tokenizer, with ``<image>``/``</image>`` added as special tokens."""
+    """Any transformers tokenizer, with ``<image>``/``</image>`` added as special tokens.
+
+    ``bos_token``: the token every sequence starts with, for a tokenizer without a BOS
+    token (Qwen2's base models start documents after ``<|endoftext|>``); saved with the
+    tokenizer. Without it a tokenizer's own BOS is used (``<image>`` if it has none).
+    """
 
     kind = "hf"
+    CONFIG_NAME = "kosmos_g_tokenizer.json"
 
-    def __init__(self, tokenizer) -> None:  # a transformers PreTrainedTokenizerBase
+    def __init__(self, tokenizer, *, bos_token: str | None = None) -> None:  # a PreTrainedTokenizerBase
         missing = [t for t in (BOI, EOI) if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
         self.tok = tokenizer
+        self.added_tokens = tuple(missing)
+        """The image tokens this wrapper added to the vocabulary (their embeddings are new)."""
         vocab = tokenizer.get_vocab()
         self.boi_id, self.eoi_id = vocab[BOI], vocab[EOI]
-        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.boi_id
+        self.bos_token = bos_token
+        if bos_token is not None:
+            if bos_token not in vocab:
+                raise ValueError(f"bos_token {bos_token!r} is not in the tokenizer's vocabulary; "
+                                 "pass one of its tokens.")
+            self.bos_id = vocab[bos_token]
+        else:
+            self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.boi_id
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else self.bos_id
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_id
         self.unk_id = tokenizer.unk_token_id
+
+    @classmethod
+    def for_causal_lm(cls, tokenizer) -> "HFTokenizer":
+        """A pretrained LM's tokenizer: sequences start with its BOS token, or, where it has
+        none, with its EOS token (the document separator such LMs were trained on)."""
+        bos = tokenizer.bos_token if tokenizer.bos_token is not None else tokenizer.eos_token
+        if bos is None:
+            raise ValueError(f"Tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a BOS nor an "
+                             "EOS token; set bos_token in its tokenizer_config.json.")
+        return cls(tokenizer, bos_token=str(bos))
 
     def __len__(self) -> int:
         return len(self.tok)
@@ -163,14 +188,19 @@ class HFTokenizer:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)
         self.tok.save_pretrained(path)
-        cfg_path = path / "kosmos_g_tokenizer.json"
-        cfg_path.write_text(json.dumps({"kind": self.kind}))
+        cfg = {"kind": self.kind}
+        if self.bos_token is not None:
+            cfg["bos_token"] = self.bos_token
+        (path / self.CONFIG_NAME).write_text(json.dumps(cfg))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "HFTokenizer":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        path = Path(path)
+        cfg_path = path / cls.CONFIG_NAME
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        return cls(AutoTokenizer.from_pretrained(str(path)), bos_token=cfg.get("bos_token"))
 
 
 def load_tokenizer(path: str | os.PathLike) -> FairseqTokenizer | HFTokenizer:

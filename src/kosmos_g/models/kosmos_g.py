@@ -7,6 +7,7 @@ as in the official release (not CLIP's empty prompt).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import KosmosGConfig, get_preset
+from ..config import KosmosGConfig, MLLMConfig, get_preset
 from ..fileio import atomic_file
 from .aligner import AlignerNet
-from .mllm import build_mllm
+from .mllm import HFDecoder, build_mllm
 from .resampler import Resampler
 from .vision import VisionTower
 
@@ -55,12 +56,12 @@ class KosmosG(nn.Module):
         torch.Size([1, 77, 32])
     """
 
-    def __init__(self, config: KosmosGConfig) -> None:
+    def __init__(self, config: KosmosGConfig, *, mllm: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.vision = VisionTower(config.vision)
         self.resampler = Resampler(config.resampler)
-        self.mllm = build_mllm(config.mllm)
+        self.mllm = build_mllm(config.mllm) if mllm is None else mllm  # given: a loaded pretrained LM
         self.aligner = AlignerNet(config.aligner)
 
     # ------------------------------------------------------------------ forward pieces
@@ -243,3 +244,81 @@ def build_model(preset_or_config: str | KosmosGConfig) -> KosmosG:
     """A randomly initialised model from a preset name or a config."""
     config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     return KosmosG(config)
+
+
+def init_from_causal_lm(lm_path: str | os.PathLike,
+                        config: str | KosmosGConfig = "kosmos-g") -> tuple[KosmosG, Any]:
+    """A Kosmos-G whose MLLM is a pretrained transformers causal LM, and that LM's tokenizer.
+
+    ``lm_path`` is a local folder ``AutoModelForCausalLM`` and ``AutoTokenizer`` load (Llama,
+    Qwen2, Mistral...). The LM keeps its weights; ``<image>`` and ``</image>`` are added to
+    its tokenizer as special tokens and their embedding rows (input and, if untied, output)
+    start at the mean of the rows of the tokens before them. ``config`` (a preset name or
+    config) gives the vision tower, resampler and AlignerNet; the resampler's output and
+    AlignerNet's input take the LM's width; vision, resampler and AlignerNet start random.
+    The returned config records ``lm_path`` (``mllm.init_from``); a folder saved from the
+    model reloads without it.
+
+    Returns ``(model, tokenizer)``, the tokenizer a :class:`~kosmos_g.tokenizer.HFTokenizer`;
+    ``KosmosGProcessor.from_config(tokenizer, model.config)`` is the matching processor.
+
+    Example:
+        >>> model, tok = init_from_causal_lm("models/Qwen2.5-0.5B", "kosmos-g")  # doctest: +SKIP
+        >>> model.config.resampler.output_dim, tok.boi_id  # doctest: +SKIP
+        (896, 151665)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..tokenizer import HFTokenizer
+
+    path = Path(lm_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"mllm_init={path} is not a transformers causal-LM folder (no config.json); "
+                                "pass a local folder written by save_pretrained (e.g. a downloaded snapshot).")
+    base = get_preset(config) if isinstance(config, str) else config
+    tokenizer = HFTokenizer.for_causal_lm(AutoTokenizer.from_pretrained(str(path)))
+    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
+    _add_token_rows(lm, [tokenizer.tok.convert_tokens_to_ids(t) for t in tokenizer.added_tokens], len(tokenizer))
+    hf = lm.config
+    width = hf.hidden_size
+    mllm = MLLMConfig(
+        backbone="hf", hf_config=hf.to_dict(), vocab_size=lm.get_input_embeddings().weight.shape[0],
+        hidden_size=width, num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+        ffn_dim=getattr(hf, "intermediate_size", None) or 4 * width,
+        max_positions=getattr(hf, "max_position_embeddings", None) or base.mllm.max_positions,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id, init_from=str(path.resolve()),
+        gradient_checkpointing=base.mllm.gradient_checkpointing)
+    data = base.to_dict()
+    data["mllm"] = dataclasses.asdict(mllm)
+    data["resampler"]["output_dim"] = width
+    data["aligner"]["input_dim"] = width
+    full = KosmosGConfig.from_dict(data)
+    model = KosmosG(full, mllm=HFDecoder(full.mllm, model=lm))
+    logger.info("MLLM from %s: %s parameters, width %d, %d tokens (%s added)", path,
+                f"{sum(p.numel() for p in lm.parameters()):,}", width, len(tokenizer),
+                ", ".join(tokenizer.added_tokens) or "none")
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _add_token_rows(lm: nn.Module, new_ids: list[int], num_tokens: int) -> None:
+    """Make room for ``num_tokens`` tokens and start the rows of ``new_ids`` at the mean of the
+    rows before them (the LM's real tokens; Qwen2 pads its matrix with unused rows after them).
+    A matrix already larger than the tokenizer is never shrunk."""
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if num_tokens > rows:
+        lm.resize_token_embeddings(num_tokens, mean_resizing=False)
+    if not new_ids:
+        return
+    known = min(new_ids)
+    layers = [lm.get_input_embeddings()]
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not layers[0].weight:
+        layers.append(out)
+    for layer in layers:
+        weight = layer.weight
+        weight[new_ids] = weight[:known].mean(dim=0)
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            bias[new_ids] = bias[:known].mean()

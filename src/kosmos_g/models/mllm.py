@@ -85,20 +85,24 @@ class MagnetoDecoder(nn.Module):
 class HFDecoder(nn.Module):
     """Any transformers causal LM as the MLLM; its last hidden states are the output.
 
-    Built from a config dict, so a Kosmos-G folder holds the LM weights itself. Spliced
-    image features are passed as ``inputs_embeds`` unscaled; the LM applies its own
-    embedding conventions.
+    Built from a config dict, so a Kosmos-G folder holds the LM weights itself; ``model``
+    (an already loaded causal LM whose config ``config.hf_config`` describes) is used as it
+    is instead. Spliced image features are passed as ``inputs_embeds`` unscaled and the
+    positions are the LM's own: the LM applies its own embedding and position conventions
+    (Gemma's sqrt(d) scaling, rotary positions), not Magneto's.
     """
 
-    def __init__(self, config: MLLMConfig) -> None:
+    def __init__(self, config: MLLMConfig, model: nn.Module | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.config = config
-        hf = dict(config.hf_config)
-        model_type = hf.pop("model_type")
-        hf_config = AutoConfig.for_model(model_type, **hf)
-        self.model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        if model is None:
+            hf = dict(config.hf_config)
+            model_type = hf.pop("model_type")
+            hf_config = AutoConfig.for_model(model_type, **hf)
+            model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        self.model = model
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
 
@@ -110,9 +114,18 @@ class HFDecoder(nn.Module):
         return self.model.get_input_embeddings()(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
-                         output_hidden_states=True, use_cache=False)
-        return out.hidden_states[-1]
+        """(B, T, C) embeddings + (B, T) mask -> the LM's final-norm states (B, T, C).
+
+        Runs the decoder without the LM head: logits over a 150k vocabulary at every
+        position would cost more memory than the rest of the step (:meth:`logits` computes
+        them where a loss needs them)."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if decoder is None or decoder is self.model:
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(),
+                             output_hidden_states=True, use_cache=False)
+            return out.hidden_states[-1]
+        out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), use_cache=False)
+        return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)

@@ -60,6 +60,9 @@ class Stage:
     def before_training(self) -> None:
         """Work done once before the first step (e.g. filling the latent cache)."""
 
+    def before_step(self, step: int) -> None:
+        """Called before each optimizer step (``step`` = steps done so far), e.g. to unfreeze a part."""
+
     def train_mode(self) -> None:
         """Put trained parts in train mode and frozen ones in eval mode."""
         self.model.train()

@@ -16,11 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import KosmosGConfig, get_preset
 from ..fileio import atomic_dir
-from ..models import KosmosG
+from ..models import HFDecoder, KosmosG, init_from_causal_lm
 from ..models.kosmos_g import CONFIG_NAME, WEIGHTS_NAME, resolve_dtype
 from ..processing import KosmosGProcessor
 from ..tokenizer import load_tokenizer
-from .recipe import ModelSpec
+from .recipe import LoraSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,13 @@ def load_kosmos_g(spec: ModelSpec, *, reconstruction: bool = False) -> tuple[Kos
                 state = {k: v for k, v in state.items() if not k.startswith(RECONSTRUCTION_PREFIX)}
             with init_empty_weights(include_buffers=False):
                 model = KosmosG(config)
+            model.tie_weights()  # creating parameters on meta unties shared ones (a tied LM head)
             model.load_state_dict_strict(state, assign=True)
         processor = KosmosGProcessor.from_pretrained(path)
+    elif spec.mllm_init is not None:
+        config = KosmosGConfig.from_dict(_override(get_preset(spec.preset).to_dict(), overrides))
+        model, tokenizer = init_from_causal_lm(spec.mllm_init, config)
+        processor = KosmosGProcessor.from_config(tokenizer, model.config)
     else:
         data = _override(get_preset(spec.preset).to_dict(), overrides)
         config = KosmosGConfig.from_dict(data)
@@ -109,11 +114,60 @@ def load_kosmos_g(spec: ModelSpec, *, reconstruction: bool = False) -> tuple[Kos
     return model.float().train(), processor
 
 
+def add_lora(model: KosmosG, spec: LoraSpec) -> None:
+    """Put peft LoRA adapters on the MLLM's ``spec.target_modules`` (in place: the LM keeps its
+    module names, each adapted layer gains ``base_layer`` and ``lora_A``/``lora_B``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not isinstance(model.mllm, HFDecoder):
+        raise ValueError("model.lora needs a transformers MLLM (model.mllm_init, or a folder started from one); "
+                         "the Magneto MLLM trains whole: remove model.lora.")
+    names = {name.rsplit(".", 1)[-1] for name, m in model.mllm.model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(spec.target_modules) - names)
+    if unknown:
+        raise ValueError(f"model.lora.target_modules {unknown} are not linear layers of the MLLM; "
+                         f"choose among {sorted(names)}.")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules))
+    inject_adapter_in_model(config, model.mllm.model)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(".lora_A." in name for name, _ in model.named_parameters())
+
+
+def merged_lora_state(model: KosmosG) -> dict[str, torch.Tensor]:
+    """The model's state dict with every LoRA adapter merged into its layer's weight
+    (W + alpha/r x B A) and the adapter keys gone: the plain model's keys."""
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for key in [k for k in state if k.startswith(f"{name}.lora_")]:
+            del state[key]
+        base = module.get_base_layer()
+        weight = base.weight.detach().clone()
+        for adapter in module.active_adapters:
+            weight += module.get_delta_weight(adapter).to(weight.dtype)
+        del state[f"{name}.base_layer.weight"]
+        state[f"{name}.weight"] = weight
+        if base.bias is not None:
+            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    return state
+
+
 def set_trainable(model: KosmosG, *, mllm: bool = False, resampler: bool = False, vision_last_block: bool = False,
-                  aligner: bool = False) -> dict[str, int]:
-    """Freeze everything, then unfreeze the named parts; returns trainable counts per part."""
+                  aligner: bool = False, lora: bool = False) -> dict[str, int]:
+    """Freeze everything, then unfreeze the named parts; returns trainable counts per part.
+
+    ``lora``: of the MLLM only its LoRA adapters (:func:`add_lora`) train."""
     model.freeze()
-    if mllm:
+    if lora:
+        for name, p in model.mllm.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    elif mllm:
         model.mllm.requires_grad_(True)
     if resampler:
         model.resampler.requires_grad_(True)
@@ -187,7 +241,8 @@ def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.
                     run_info: Mapping[str, Any] | None = None) -> Path:
     """Write an inference folder that ``KosmosG.from_pretrained`` loads strictly.
 
-    AlignerNet's N (stage 2) is left out and the config says ``reconstruction: false``.
+    AlignerNet's N (stage 2) is left out and the config says ``reconstruction: false``; LoRA
+    adapters (:func:`add_lora`) are merged into the MLLM's weights.
     Written to a temporary folder beside ``path``, flushed to the disk and renamed, so a crash
     never leaves a half export. An existing non-empty ``path`` is refused (``ValueError``)
     unless ``overwrite=True``; then it is replaced once the new folder is complete.
@@ -200,15 +255,17 @@ def export_kosmos_g(model: KosmosG, processor: KosmosGProcessor, path: str | os.
     path = Path(path)
     check_export_folder(path, overwrite=overwrite)
     dtype = resolve_dtype(dtype)
-    if model.config.aligner.reconstruction:
+    lora = has_lora(model)
+    if model.config.aligner.reconstruction or lora:  # a new plain model: without N, adapters merged
         data = model.config.to_dict()
         data["aligner"]["reconstruction"] = False
         config = KosmosGConfig.from_dict(data)
         aliases = model._parameter_aliases()
-        state = {k: v for k, v in model.state_dict().items()
-                 if not k.startswith(RECONSTRUCTION_PREFIX) and k not in aliases}
+        state = merged_lora_state(model) if lora else model.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith(RECONSTRUCTION_PREFIX) and k not in aliases}
         with init_empty_weights(include_buffers=False):
             out = KosmosG(config)
+        out.tie_weights()  # creating parameters on meta unties shared ones (a tied LM head)
         out.load_state_dict_strict(state, assign=True)
     else:
         out = model

@@ -32,6 +32,29 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the MLLM's linear layers, for stages 1 and 3: only the adapters
+    train in the LM (the resampler, vision block and AlignerNet train as usual); the export
+    merges them into the LM's weights."""
+
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scale numerator: an adapter adds ``alpha / r`` x B A to its layer."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names (last part) of the LM's linear layers that get an adapter."""
+
+    def validate(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ValueError(f"model.lora.r and model.lora.alpha must be > 0, got r={self.r}, alpha={self.alpha}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}.")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty; name the LM's linear layers, e.g. [q_proj, v_proj].")
+
+
+@dataclass
 class ModelSpec:
     """Where the Kosmos-G weights come from."""
 
@@ -43,6 +66,12 @@ class ModelSpec:
     """With ``preset``: a tokenizer folder (``sentencepiece.bpe.model`` + ``dict.txt``, or transformers)."""
     vision_init: str | None = None
     """Optional transformers ``CLIPVisionModel`` folder whose weights replace the vision tower's."""
+    mllm_init: str | None = None
+    """With ``preset``: a local transformers causal-LM folder (``AutoModelForCausalLM`` +
+    ``AutoTokenizer``) that becomes the MLLM, weights and tokenizer (``<image>``/``</image>``
+    added); the preset gives the vision tower, resampler and AlignerNet."""
+    lora: LoraSpec | None = None
+    """LoRA on the MLLM for stages 1 and 3 (``{r, alpha, target_modules}``), merged on export."""
     config: dict[str, Any] = field(default_factory=dict)
     """Config overrides, each setting one field: ``{"mllm.dropout": 0.0}``, nested
     ``{"mllm": {"dropout": 0.0}}``, or on the command line ``model.config.mllm.dropout=0.0``."""
@@ -50,8 +79,17 @@ class ModelSpec:
     def validate(self) -> None:
         if (self.init is None) == (self.preset is None):
             raise ValueError("model: set exactly one of model.init (a Kosmos-G folder) or model.preset.")
-        if self.preset is not None and self.tokenizer is None:
-            raise ValueError("model.preset needs model.tokenizer (a tokenizer folder).")
+        if self.mllm_init is not None:
+            if self.preset is None:
+                raise ValueError("model.mllm_init starts a new model: set model.preset (the vision, resampler and "
+                                 "AlignerNet sizes) instead of model.init.")
+            if self.tokenizer is not None:
+                raise ValueError("model.mllm_init brings its own tokenizer; remove model.tokenizer.")
+        elif self.preset is not None and self.tokenizer is None:
+            raise ValueError("model.preset needs model.tokenizer (a tokenizer folder) or model.mllm_init "
+                             "(a causal-LM folder).")
+        if self.lora is not None:
+            self.lora.validate()
 
 
 @dataclass
@@ -197,8 +235,14 @@ class Stage1Spec:
     ``{shape: 8, color: 8, pattern: 4}``; samples' labels of other attributes are ignored."""
     cells: int = 9
     """With ``cell_label_weight``: grid cells per image (the length of every label list)."""
+    freeze_lm_steps: int = 0
+    """Keep the MLLM (or its LoRA adapters) frozen for this many first steps, so that only the
+    resampler (and, with ``train_vision_last_block``, the last vision block) learns to speak
+    to a pretrained LM before the LM moves; 0: the LM trains from the start."""
 
     def validate(self) -> None:
+        if self.freeze_lm_steps < 0:
+            raise ValueError(f"stage1.freeze_lm_steps must be >= 0 (0: off), got {self.freeze_lm_steps}.")
         if not self.cell_label_weight >= 0:
             raise ValueError(f"stage1.cell_label_weight must be >= 0 (0: off), got {self.cell_label_weight}.")
         if self.cell_label_weight == 0:
@@ -324,6 +368,8 @@ class Recipe:
             raise ValueError(f"This recipe is for {self.stage} but {stage} was asked for.")
         for section in ("model", "data", "optim", "train"):
             getattr(self, section).validate()
+        if stage == "stage2" and self.model.lora is not None:
+            raise ValueError("model.lora applies to stages 1 and 3; stage 2 keeps the MLLM frozen: remove model.lora.")
         getattr(self, stage).validate()
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,10 @@ slots, ``</image>``) built from ``text``, ``caption`` and ``interleaved`` sample
 weight. The loss is next-token cross-entropy on text targets only: a position whose
 target is an image slot, ``<image>``, ``</image>``, ``<s>`` or padding does not count.
 The MLLM and the resampler train, and the vision tower's last block + final LayerNorm
-(the rest of CLIP stays frozen, as in Kosmos-1); AlignerNet is not used.
+(the rest of CLIP stays frozen, as in Kosmos-1); AlignerNet is not used. For an MLLM started
+from a pretrained LM, ``stage1.freeze_lm_steps`` first trains only the resampler (and the
+vision block) against the frozen LM, and ``model.lora`` trains LoRA adapters instead of the
+whole LM.
 
 ``stage1.cell_label_weight`` (not in the paper; default 0, off) adds a per-cell attribute
 loss on the resampler's output for caption samples that carry ``"cell_labels"``: a linear
@@ -26,7 +29,7 @@ from torch import nn
 from ..data.shards import BadSample, decode_image, validate_sample
 from ..processing import KosmosGProcessor, ProcessedPrompt, preprocess_image
 from .base import Stage, keep_image_weights_in_graph
-from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
+from .modeling import add_lora, enable_gradient_checkpointing, load_kosmos_g, set_trainable
 
 
 def encode_document(processor: KosmosGProcessor, segments: Sequence[Any], max_length: int) -> ProcessedPrompt:
@@ -245,8 +248,15 @@ class Stage1(Stage):
         super().__init__(recipe, accelerator)
         spec = recipe.stage1
         self.model, self.processor = load_kosmos_g(recipe.model)
-        self.trainable = set_trainable(self.model, mllm=True, resampler=True,
-                                       vision_last_block=spec.train_vision_last_block)
+        lora = recipe.model.lora is not None
+        if lora:
+            add_lora(self.model, recipe.model.lora)
+        # frozen for the whole run: the LM is left out of training (and of data-parallel wrappers) at once
+        train_lm = spec.freeze_lm_steps < recipe.train.max_steps
+        self.trainable = set_trainable(self.model, mllm=train_lm and not lora, lora=train_lm and lora,
+                                       resampler=True, vision_last_block=spec.train_vision_last_block)
+        self.freeze_lm_steps = spec.freeze_lm_steps
+        self.lm_params = [p for p in self.model.mllm.parameters() if p.requires_grad]
         if recipe.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         tok = self.processor.tokenizer
@@ -260,6 +270,15 @@ class Stage1(Stage):
         max_length = min(spec.max_length or self.processor.max_length, self.processor.max_length)
         self.builder = Stage1Builder(self.processor, max_length=max_length, image_first_prob=spec.image_first_prob,
                                      cell_classes=spec.cell_classes if head is not None else None, cells=spec.cells)
+
+    def before_step(self, step: int) -> None:
+        """``stage1.freeze_lm_steps``: the MLLM's trained weights get no gradient before that step.
+        They stay in the optimizer, which skips a weight without a gradient (no update, no weight
+        decay), so the LM is bit-identical until it unfreezes."""
+        if self.freeze_lm_steps:
+            train_lm = step >= self.freeze_lm_steps
+            for p in self.lm_params:
+                p.requires_grad_(train_lm)
 
     def collate(self, examples: Sequence[ProcessedPrompt]) -> dict[str, torch.Tensor]:
         batch = self.processor.collate(examples)

@@ -46,7 +46,7 @@ from ..processing import KosmosGProcessor
 from .base import Stage, keep_image_weights_in_graph
 from .data import SampleFiltered
 from .latents import LatentCache
-from .modeling import enable_gradient_checkpointing, load_kosmos_g, set_trainable
+from .modeling import add_lora, enable_gradient_checkpointing, load_kosmos_g, set_trainable
 from .recipe import Stage3Spec
 from .stage2 import check_clip_text, clip_ids, load_clip_text
 
@@ -326,7 +326,10 @@ class Stage3(Stage):
         if spec.text_align_weight > 0:
             self.metric_names += ("align",)
         self.model, self.processor = load_kosmos_g(recipe.model)
-        self.trainable = set_trainable(self.model, mllm=True, resampler=True, aligner=True,
+        lora = recipe.model.lora is not None
+        if lora:
+            add_lora(self.model, recipe.model.lora)
+        self.trainable = set_trainable(self.model, mllm=not lora, lora=lora, resampler=True, aligner=True,
                                        vision_last_block=spec.train_vision_last_block)
         self._load_diffusion(spec)
         self.vae_factor, self.scaling = vae_geometry(self.vae)

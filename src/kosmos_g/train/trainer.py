@@ -239,6 +239,8 @@ class Trainer:
             ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
         self.module, self.optimizer, self.scheduler = acc.prepare(module, self.optimizer, self.scheduler)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # what a checkpoint holds: fixed here, though a stage may freeze some of it for a while
+        self._trainable_names = {n for n, p in self.module.named_parameters() if p.requires_grad}
         acc.register_save_state_pre_hook(self._save_trainable)
         acc.register_load_state_pre_hook(self._load_trainable)
         self.num_streams = recipe.data.streams or acc.num_processes * max(1, recipe.data.num_workers)
@@ -283,7 +285,8 @@ class Trainer:
             return
         for i, model in enumerate(models):
             inner = self.accelerator.unwrap_model(model)
-            state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters() if p.requires_grad}
+            state = {n: p.detach().cpu().contiguous() for n, p in inner.named_parameters()
+                     if p.requires_grad or n in self._trainable_names}
             if self.accelerator.is_main_process:
                 save_file(state, os.path.join(output_dir, TRAINABLE_FILE.format(f"_{i}" if i else "")))
         weights.clear()
@@ -295,7 +298,7 @@ class Trainer:
             inner = self.accelerator.unwrap_model(model)
             path = os.path.join(input_dir, TRAINABLE_FILE.format(f"_{i}" if i else ""))
             state = load_file(path)
-            wanted = {n for n, p in inner.named_parameters() if p.requires_grad}
+            wanted = {n for n, p in inner.named_parameters() if p.requires_grad or n in self._trainable_names}
             if set(state) != wanted:
                 raise ValueError(f"Checkpoint {input_dir} holds other trainable weights than this run trains "
                                  f"(missing {sorted(wanted - set(state))[:5]}, extra "
@@ -506,6 +509,7 @@ class Trainer:
         """One optimizer step over ``train.grad_accum`` micro-batches; advances step, samples and
         the data position."""
         acc, recipe = self.accelerator, self.recipe
+        self.stage.before_step(self.step)
         for micro in range(recipe.train.grad_accum):
             batch, position = next(loader)
             batch = self.stage.prepare_batch(to_device(batch, acc.device))
