@@ -18,6 +18,7 @@ all of an image's slots (:class:`CellLabelHead`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +31,8 @@ from ..data.shards import BadSample, decode_image, validate_sample
 from ..processing import KosmosGProcessor, ProcessedPrompt, preprocess_image
 from .base import Stage, keep_image_weights_in_graph
 from .modeling import add_lora, enable_gradient_checkpointing, load_kosmos_g, set_trainable
+
+logger = logging.getLogger(__name__)
 
 
 def encode_document(processor: KosmosGProcessor, segments: Sequence[Any], max_length: int) -> ProcessedPrompt:
@@ -275,8 +278,12 @@ class Stage1(Stage):
         """``stage1.freeze_lm_steps``: the MLLM's trained weights get no gradient before that step.
         They stay in the optimizer, which skips a weight without a gradient (no update, no weight
         decay), so the LM is bit-identical until it unfreezes."""
-        if self.freeze_lm_steps:
+        if self.freeze_lm_steps and self.lm_params:
             train_lm = step >= self.freeze_lm_steps
+            if train_lm != self.lm_params[0].requires_grad or step == 0:
+                logger.info("step %d: the MLLM's %s trained weights %s", step,
+                            f"{sum(p.numel() for p in self.lm_params):,}",
+                            "train from here" if train_lm else f"stay frozen until step {self.freeze_lm_steps}")
             for p in self.lm_params:
                 p.requires_grad_(train_lm)
 
