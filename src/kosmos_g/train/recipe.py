@@ -170,6 +170,9 @@ class TrainSpec:
     seed: int = 0
     cpu: bool = False
     """Force CPU even when a GPU is visible."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """``fsdp``: the trainer shards the trained module with torch's FSDP2 (``kosmos_g.train.sharding``), on
+    CPU and GPU alike; launch with a plain multi-process accelerate config, not accelerate's own FSDP."""
     stop_after: int | None = None
     """Stop (after checkpointing) at this step without exporting, as if interrupted; for tests
     and for splitting a run over jobs of limited length."""
@@ -179,6 +182,8 @@ class TrainSpec:
             raise ValueError("train.max_steps and train.grad_accum must be > 0.")
         if self.precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"train.precision must be no, fp16, bf16 or null, got {self.precision!r}.")
+        if self.sharding not in ("none", "fsdp"):
+            raise ValueError(f"train.sharding must be none or fsdp, got {self.sharding!r}.")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The one trainer every stage runs on, built on ``accelerate``.
 
-DDP, FSDP and DeepSpeed come from ``accelerate launch`` and its config file; mixed
-precision, gradient accumulation and gradient clipping from accelerate as well. This
+DDP and DeepSpeed come from ``accelerate launch`` and its config file; mixed
+precision, gradient accumulation and gradient clipping from accelerate as well. Fully
+sharded training (``train.sharding: fsdp``) is applied by :mod:`kosmos_g.train.sharding`
+itself, on CPU and GPU alike, since accelerate sets FSDP up only on accelerators. This
 file adds what a long run needs on top:
 
 - AdamW (betas 0.9/0.98, weight decay 0.01 as in the paper), warm-up then linear decay;
@@ -49,6 +51,8 @@ from .data import StreamLoader, counters, to_device
 from .modeling import RUN_FILE
 from .recipe import Recipe
 from .schedules import warmup_decay
+from .sharding import (clip_grad_norm, fill_twin, gather_full_state, load_sharded, meta_twin, save_sharded,
+                       shard_module)
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +227,11 @@ class Trainer:
             raise RuntimeError(f"Launched as {world} processes but accelerate formed a group of "
                                f"{acc.num_processes}; check the accelerate launch flags.")
         self._sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self._fsdp = recipe.train.sharding == "fsdp"
+        if self._fsdp and self._sharded:
+            raise ValueError(f"train.sharding=fsdp shards the model itself, but accelerate was launched with "
+                             f"{acc.distributed_type.value}; launch with a plain multi-process config "
+                             "(recipes/accelerate/fsdp.yaml) or set train.sharding=none.")
         if acc.is_main_process:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
@@ -230,14 +239,26 @@ class Trainer:
         set_seed(recipe.train.seed)
         self.stage = stage_class(recipe, acc)
         module = self.stage.module
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{stage}: nothing to train (every parameter is frozen).")
+        self._twin = None
+        if self._fsdp:
+            self._twin = meta_twin(self.stage.model)  # the export's plain copy, before the weights are sharded
+            if not torch.distributed.is_initialized():  # one process: FSDP2 still needs a group
+                backend = "nccl" if acc.device.type == "cuda" else "gloo"
+                torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                                     world_size=1)
+            shard_module(module, device_type=acc.device.type, precision=acc.mixed_precision,
+                         whole=(self.stage.model.vision,))
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = self._optimizer(module)
         if acc.distributed_type == DistributedType.DEEPSPEED:
             ds = acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
-        self.module, self.optimizer, self.scheduler = acc.prepare(module, self.optimizer, self.scheduler)
+        if self._fsdp:  # sharded already: accelerate must not wrap it in DDP nor save the optimizer's shards
+            self.module, self.scheduler = module, acc.prepare(self.scheduler)
+        else:
+            self.module, self.optimizer, self.scheduler = acc.prepare(module, self.optimizer, self.scheduler)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         # what a checkpoint holds: fixed here, though a stage may freeze some of it for a while
         self._trainable_names = {n for n, p in self.module.named_parameters() if p.requires_grad}
@@ -261,7 +282,7 @@ class Trainer:
         acc, opt = self.accelerator, self.recipe.optim
         fused = opt.fused
         if fused is None:
-            fused = acc.distributed_type != DistributedType.DEEPSPEED and all(
+            fused = acc.distributed_type != DistributedType.DEEPSPEED and not self._fsdp and all(
                 p.is_floating_point() and acc.device.type in ("cpu", "cuda") for p in self.params)
         optimizer = torch.optim.AdamW(self._param_groups(module), lr=opt.lr, betas=tuple(opt.betas),
                                       eps=opt.eps, weight_decay=opt.weight_decay, fused=fused)
@@ -345,6 +366,8 @@ class Trainer:
         if state["stage"] != self.stage_name:
             raise ValueError(f"Checkpoint {path} is from {state['stage']}, not {self.stage_name}.")
         self.accelerator.load_state(str(path))
+        if self._fsdp:
+            load_sharded(path, self.module, self.optimizer)
         self.step = int(state["step"])
         self.samples = int(state["samples"])
         self.position = {int(k): v for k, v in state["position"].items()}
@@ -367,6 +390,8 @@ class Trainer:
             broadcast_object_list(folder)  # the temporary's name, from the main process to every other
             tmp = Path(folder[0])
             acc.save_state(str(tmp))
+            if self._fsdp:  # each process its shard of the weights and optimizer state
+                save_sharded(tmp, self.module, self.optimizer)
             acc.wait_for_everyone()  # every process has written its part (its RNG states) before the rename
             if acc.is_main_process:
                 merged = {str(k): v for pos in positions for k, v in pos.items()}
@@ -530,10 +555,12 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         clip = self.recipe.optim.clip_grad_norm
-        if clip:
+        if clip and self._fsdp:
+            self.grad_norm = clip_grad_norm(self.params, clip)
+        elif clip:
             self.grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
         self.optimizer.step()
-        if not self.optimizer.step_was_skipped:
+        if not getattr(self.optimizer, "step_was_skipped", False):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -568,6 +595,10 @@ class Trainer:
         check_outputs(self.out, self.export_dirs, overwrite=self.recipe.export.overwrite)  # filled since the start?
         # Without sharding the stage's model was trained in place; FSDP / DeepSpeed gather it here.
         state = acc.get_state_dict(self.module) if self._sharded else {}
+        if self._fsdp:  # every weight gathered into a plain copy of the model, which the stage exports
+            full = gather_full_state(self.stage.model, keep=acc.is_main_process)
+            if acc.is_main_process:
+                self.stage.model = fill_twin(self._twin, full)
         if acc.is_main_process:
             run_info = {"output_dir": str(self.out.resolve()), "stage": self.stage_name, "step": self.step}
             self.stage.export(state, self.export_dir, overwrite=True, run_info=run_info)  # checked just above
