@@ -130,5 +130,22 @@ def test_fsdp_two_processes(world, tmp_path):  # noqa: F811
         assert max((wf[k].float() - wo[k].float()).abs().max().item() for k in wf) <= 1e-5
 
 
+def test_fsdp_one_process_matches_the_plain_run(world, tmp_path):  # noqa: F811
+    """One process still shards (a process group of one, formed by the trainer): the same run as without."""
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    run_cli(cli_args(world, "stage1", plain, "checkpoint.every=0"))
+    # in its own process: the process group it forms must not outlive the run
+    cmd = [sys.executable, "-m", "kosmos_g.cli", *cli_args(world, "stage1", sharded, "checkpoint.every=0",
+                                                          "train.sharding=fsdp")]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = read_csv(plain), read_csv(sharded)
+    np.testing.assert_allclose([float(r["loss"]) for r in b], [float(r["loss"]) for r in a], rtol=1e-6)
+    wa = load_file(str(plain / "final" / "model.safetensors"))
+    wb = load_file(str(sharded / "final" / "model.safetensors"))
+    assert set(wa) == set(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
