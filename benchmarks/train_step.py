@@ -56,7 +56,7 @@ def build_kosmos_step(args, device: torch.device, dtype: torch.dtype):
 
     from kosmos_g.models import KosmosG
     from kosmos_g.train.modeling import enable_gradient_checkpointing, set_trainable
-    from kosmos_g.train.stage3 import DiffusionModule, draw_latents, encode_targets
+    from kosmos_g.train.stage3 import DiffusionModule, Stage3Options, draw_latents, encode_targets, vae_geometry
 
     kcfg, unet_kw, vae_kw, _, res = sizes(args.size_preset)
     res = args.resolution or res
@@ -69,7 +69,12 @@ def build_kosmos_step(args, device: torch.device, dtype: torch.dtype):
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         unet.enable_gradient_checkpointing()
-    module = DiffusionModule(model, unet, DDPMScheduler.from_config(SD15_SCHEDULER), "epsilon", ["edit"])
+    options = Stage3Options(
+        resolution=res, cond_dropout=0.1, caption_drop=0.5, entity_replace_prob=0.5, white_crop_prob=0.5,
+        max_caption_tokens=256, min_caption_image_size=0, foreground_weight=1.0, text_align_weight=0.0,
+        num_train_timesteps=1000, prediction_type="epsilon", latent_factor=vae_geometry(vae)[0],
+        clip_length=kcfg.aligner.num_queries, unet_bf16=False)
+    module = DiffusionModule(model, unet, DDPMScheduler.from_config(SD15_SCHEDULER), ["edit"], options)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
 
