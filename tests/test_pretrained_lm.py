@@ -32,7 +32,7 @@ LM_PREFIX = "mllm.model."
 
 def make_tiny_lm(path: Path, family: str) -> Path:
     """A random tiny causal LM and a word-level tokenizer over the tiny corpus, saved as one folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     words = sorted({w for line in TINY_CORPUS for w in line.split()} | {".", ","})
@@ -44,13 +44,19 @@ def make_tiny_lm(path: Path, family: str) -> Path:
         fast = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), bos_token_id=1, eos_token_id=2,
                                           tie_word_embeddings=False, **sizes))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     else:  # no BOS, tied head, unused rows after the vocabulary (as Qwen2 pads its matrix)
-        vocab = {t: i for i, t in enumerate(["<|endoftext|>", *words])}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+        # byte-level BPE like Qwen2's own: AutoTokenizer loads a Qwen2 folder's tokenizer as
+        # Qwen2Tokenizer, whose byte-level pre-tokenizer would leave a word-level vocabulary no words
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
         fast = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(vocab) + 8, eos_token_id=0, tie_word_embeddings=True,
-                                          **sizes))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=tok.get_vocab_size() + 8, eos_token_id=0,
+                                          tie_word_embeddings=True, **sizes))
     lm.save_pretrained(str(path))
     PreTrainedTokenizerFast(tokenizer_object=tok, **fast).save_pretrained(str(path))
     return path
@@ -83,7 +89,9 @@ def test_mllm_init_keeps_the_lm_and_adds_the_image_tokens(lms, family):
     original = AutoTokenizer.from_pretrained(str(lms[family]))
     assert "<image>" not in original.get_vocab() and tok.added_tokens == ("<image>", "</image>")
     new = [tok.boi_id, tok.eoi_id]
-    assert tok.encode("a dog on the beach") == original.encode("a dog on the beach", add_special_tokens=False)
+    ids = original.encode("a dog on the beach", add_special_tokens=False)
+    assert len(ids) >= 5 and original.decode(ids) == "a dog on the beach"  # the tokenizer really reads text
+    assert tok.encode("a dog on the beach") == ids
     assert tok.bos_id == (original.bos_token_id if family == "llama" else original.eos_token_id)
     cfg = model.config
     assert cfg.mllm.backbone == "hf" and cfg.mllm.init_from == str(lms[family].resolve())

@@ -243,7 +243,10 @@ class KosmosGConfig:
         return self.resampler.num_queries
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["mllm"]["init_from"] is None:  # provenance only; a model not started from an LM says nothing
+            del data["mllm"]["init_from"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KosmosGConfig":
