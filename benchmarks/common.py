@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 
@@ -108,3 +109,31 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training_step(step, info: dict, device: torch.device, *, warmup: int, repeats: int) -> dict:
+    """Run ``step`` ``warmup`` + ``repeats`` times; ``info`` plus the median step seconds and the
+    peak memory (CUDA: ``max_memory_allocated``; CPU: ``info["param_bytes"]`` plus the largest
+    resident-set growth while stepping)."""
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        for i in range(warmup + repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        peak = info["param_bytes"] + int(rss.peak - rss.before)
+    return {**info, "step_s": statistics.median(times), "step_s_all": times, "peak_mem_bytes": peak,
+            "peak_mem_gib": peak / 2 ** 30}

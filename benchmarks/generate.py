@@ -45,11 +45,7 @@ from kosmos_g.pipeline import KosmosGPipeline, make_scheduler
 from kosmos_g.processing import KosmosGProcessor
 from kosmos_g.testing import make_tiny_clip_tokenizer, make_tiny_tokenizer
 
-from common import SD15_SCHEDULER, PeakRSS, param_bytes, sizes
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from common import SD15_SCHEDULER, PeakRSS, param_bytes, sizes, sync
 
 
 def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -60,10 +56,10 @@ def time_interleaved(fns: dict, device: torch.device, warmup: int, repeats: int)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -74,7 +70,7 @@ def peak_extra_bytes(fn, device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        sync(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
     with PeakRSS() as rss:
         fn()

@@ -39,7 +39,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from common import CLIP_L_TEXT, SD15_SCHEDULER, PeakRSS, param_bytes, sizes
+from common import CLIP_L_TEXT, SD15_SCHEDULER, param_bytes, sizes, time_training_step
 
 STAGES = ("stage1_lm_trained", "stage1_lm_frozen", "stage2_aligner", "stage3_lm_trained")
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -197,10 +196,6 @@ def build_step(args, device: torch.device, dtype: torch.dtype):
     return step, info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def worker(args) -> dict:
     """Build one stage's step, run warm-up + timed repeats, measure peak memory."""
@@ -211,23 +206,7 @@ def worker(args) -> dict:
     t0 = time.perf_counter()
     step, info = build_step(args, device, dtype)
     info["build_s"] = time.perf_counter() - t0
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as rss:
-        for i in range(args.warmup + args.repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = info["param_bytes"] + int(rss.peak - rss.before)
-    return {**info, "step_s": statistics.median(times), "step_s_all": times, "peak_mem_bytes": peak,
-            "peak_mem_gib": peak / 2 ** 30}
+    return time_training_step(step, info, device, warmup=args.warmup, repeats=args.repeats)
 
 
 def cpu_name() -> str:

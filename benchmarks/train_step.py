@@ -39,15 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import SD15_SCHEDULER, PeakRSS, param_bytes, sizes
+from common import SD15_SCHEDULER, param_bytes, sizes, time_training_step
 
 # ----------------------------------------------------------------------------- the two steps
 
@@ -162,10 +160,6 @@ def build_sd_step(args, device: torch.device, dtype: torch.dtype):
     return step, info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def worker(args) -> dict:
     """Build one step, run warm-up + timed repeats, measure peak memory; print JSON."""
@@ -175,23 +169,7 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     build = build_kosmos_step if args.worker == "kosmos_g_stage3" else build_sd_step
     step, info = build(args, device, dtype)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as rss:
-        for i in range(args.warmup + args.repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = info["param_bytes"] + int(rss.peak - rss.before)
-    return {**info, "step_s": statistics.median(times), "step_s_all": times, "peak_mem_bytes": peak,
-            "peak_mem_gib": peak / 2 ** 30}
+    return time_training_step(step, info, device, warmup=args.warmup, repeats=args.repeats)
 
 
 def main(argv: list[str] | None = None) -> dict:
