@@ -50,7 +50,7 @@ def test_defaults_come_from_the_model_folder(engine):
     ("seed", -1, "The seed must be a whole number from 0 to 2.14748e+09."),
     ("scheduler", "../../scheduler", "The scheduler must be one of dpm++, ddim, pndm, euler, euler-a, unipc."),
     ("controlnet", 0, "The ControlNet must be one of the 0 listed on the page (or none)."),
-    ("lora", "/tmp/style.safetensors", "The LoRA must be one of the 0 listed on the page (or none)."),
+    ("lora", "../loras/style.safetensors", "The LoRA must be one of the 0 listed on the page (or none)."),
     ("randomize_seed", "yes", "Randomize seed must be true or false."),
     ("prompt", "x" * 1001, "The prompt is 1001 characters long; the limit is 1000."),
     ("prompt", ["<i>"], "The prompt must be text."),
